@@ -121,14 +121,23 @@ class LanguageModel:
 
   def loss(self, params: Any, batch: Batch, *, train: bool = False,
            rng: Array | None = None) -> tuple[Array, dict[str, Any]]:
-    """Total training loss and metrics.
+    """Total training loss and metrics (see ``loss_from_logits``)."""
+    logits, intermediates, _ = self.apply(params, batch, train=train, rng=rng)
+    return self.loss_from_logits(logits, intermediates, batch)
 
+  def loss_from_logits(self, logits: Array, intermediates: Any,
+                       batch: Batch) -> tuple[Array, dict[str, Any]]:
+    """Loss from an ``apply`` result, so callers that need the logits (distillation) run once.
+
+    Args:
+      logits: float32 [batch, length, vocab].
+      intermediates: the ``intermediates`` collection returned by ``apply``.
+      batch: the batch the logits were computed on.
     Returns:
       (loss [], metrics) where metrics holds scalars ``loss``, ``cross_entropy``, ``aux_loss``,
       ``z_loss``, ``accuracy``, ``num_tokens`` and, for MoE models, ``moe`` (see
       ``collect_moe_stats``).
     """
-    logits, intermediates, _ = self.apply(params, batch, train=train, rng=rng)
     weights = loss_weights_of(batch)
     token_ll = token_log_likelihood(logits, batch["decoder_target_tokens"])
     num_tokens = jnp.maximum(jnp.sum(weights), 1.0)
