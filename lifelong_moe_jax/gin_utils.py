@@ -11,6 +11,7 @@ Configuration errors (unknown configurable or parameter, bad literal, missing fi
 """
 from __future__ import annotations
 
+import logging
 import os
 import pathlib
 import re
@@ -24,6 +25,15 @@ REPO_GIN_DIR = pathlib.Path(__file__).resolve().parent.parent / "gin"
 flags.DEFINE_multi_string("gin_file", [], "Gin config files; later files override earlier ones.")
 flags.DEFINE_multi_string("gin_bindings", [], "Individual gin bindings ('NAME = VALUE').")
 flags.DEFINE_list("gin_search_paths", [], "Folders searched for --gin_file and gin include paths.")
+
+
+def _quiet_gin_resource_probe(record: logging.LogRecord) -> bool:
+  """gin probes every search path as a Python package and logs each miss as an error; hide them."""
+  return not str(record.msg).startswith(("Path not found:", "system_path_file_exists:",
+                                         "gin-config opened resource"))
+
+
+logging.getLogger().addFilter(_quiet_gin_resource_probe)
 
 
 class GinConfigError(ValueError):

@@ -56,7 +56,7 @@ def model_info(config: ModelConfig, length: int | None = None) -> ModelInfo:
     size = math.prod(leaf.shape)
     total += size
     names = tuple(spec)
-    if "expert" in names and len(leaf.shape) >= 3:
+    if "expert" in names and "mlp" in names:  # expert weights (the router is always active)
       expert += size
       activated += size * config.top_k / config.num_experts
     elif "embedding" in jax.tree_util.keystr(path):
