@@ -1,0 +1,30 @@
+"""SeqIO registrations of lifelong-moe-jax.
+
+Import this package (as t5x imports its MIXTURE_OR_TASK_MODULE) to register every task and mixture:
+
+    import tasks
+    tasks.register_text_distribution("legal", folder="/data/legal")  # -> task "lifelong_legal"
+
+See docs/data.md.
+"""
+from tasks import corpora
+from tasks.corpora import (
+    ALL_BY_SIZE_MIXTURE,
+    ALL_MIXTURE,
+    register_folder_distributions,
+    register_mixture,
+    register_text_distribution,
+    register_tfds_distribution,
+    task_name,
+)
+
+__all__ = [
+    "ALL_BY_SIZE_MIXTURE",
+    "ALL_MIXTURE",
+    "corpora",
+    "register_folder_distributions",
+    "register_mixture",
+    "register_text_distribution",
+    "register_tfds_distribution",
+    "task_name",
+]
