@@ -1,0 +1,212 @@
+"""Quadratic anchor penalties for the L2 and EWC baselines.
+
+Both penalise distance to the previous phase's final params ``theta*`` (the anchor):
+
+* L2 (online L2): ``(weight / 2) * sum_i m_i (theta_i - theta*_i)^2`` with ``m_i = 1``;
+* EWC: ``(weight / 2) * sum_i F_i (theta_i - theta*_i)^2`` with ``F`` the diagonal (empirical)
+  Fisher of the LM loss estimated on the previous phase's data at its end (``estimate_fisher``).
+
+An anchor is a ``QuadraticAnchor(anchor, importance)``; when the model grows between phases,
+``QuadraticAnchor.expand_to`` grows both so that they match the expanded params, with importance 0
+on the new expert slices (new experts are not anchored; old slices are).
+
+``L2Penalty`` and ``EWCPenalty`` implement the trainer's regularizer hook (see
+``distill.Regularizer``): ``init_state`` hands their ``QuadraticAnchor`` and its logical axes to
+the trainer, which shards it like the params and passes it to ``__call__`` as ``aux_state``.
+"""
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+import flax
+import gin
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import PartitionSpec as P
+
+from lifelong_moe_jax.lifelong.surgery import flatten_with_axes, pad_experts
+from lifelong_moe_jax.models.lm import Batch, LanguageModel
+
+Array = jax.Array
+
+
+@flax.struct.dataclass
+class QuadraticAnchor:
+  """Anchor params and per-entry importance (a pytree: can live in the trainer's aux_state).
+
+  Attributes:
+    anchor: params pytree ``theta*``.
+    importance: params-structured pytree; each leaf broadcastable to its param (L2 uses
+      ``[1, .., 1]`` ones before any expansion, EWC the Fisher with the params' shapes).
+  """
+  anchor: Any
+  importance: Any
+
+  def expand_to(self, params_axes: Any, add_experts: int) -> "QuadraticAnchor":
+    """Grows anchor and importance along the ``expert`` axis: new slices get importance 0.
+
+    Args:
+      params_axes: logical axes of the anchor params (before expansion).
+      add_experts: N, as given to ``surgery.expand_params``.
+    """
+    if add_experts < 0:
+      raise ValueError(f"add_experts must be >= 0, got {add_experts}.")
+    if add_experts == 0:
+      return self
+    treedef, infos = flatten_with_axes(self.anchor, params_axes)
+    importance = treedef.flatten_up_to(self.importance)
+    anchors, weights = [], []
+    for info, imp in zip(infos, importance):
+      if info.expert_axis is None:
+        anchors.append(info.value)
+        weights.append(imp)
+        continue
+      ea = info.expert_axis
+      anchors.append(pad_experts(info.value, ea, add_experts, info.key))
+      num_experts = np.shape(info.value)[ea]
+      if np.shape(imp)[ea] == 1 and num_experts != 1:  # broadcast mask: materialise the axis.
+        shape = list(np.shape(imp))
+        shape[ea] = num_experts
+        imp = np.broadcast_to(np.asarray(imp), shape)
+      weights.append(pad_experts(imp, ea, add_experts, info.key + " (importance)"))
+    return QuadraticAnchor(jax.tree_util.tree_unflatten(treedef, anchors),
+                           jax.tree_util.tree_unflatten(treedef, weights))
+
+  def logical_axes(self, params_axes: Any) -> "QuadraticAnchor":
+    """Logical axes of this anchor: the params' for ``anchor``; for ``importance`` the same with
+    broadcast (size-1) dimensions left unsharded."""
+    treedef, infos = flatten_with_axes(self.anchor, params_axes)
+    specs = []
+    for info, imp in zip(infos, treedef.flatten_up_to(self.importance)):
+      spec = tuple(info.spec or ()) + (None,) * (np.ndim(imp) - len(info.spec or ()))
+      specs.append(P(*(None if np.shape(imp)[d] == 1 else spec[d] for d in range(np.ndim(imp)))))
+    return QuadraticAnchor(params_axes, jax.tree_util.tree_unflatten(treedef, specs))
+
+
+def l2_anchor(params: Any) -> QuadraticAnchor:
+  """Anchor at ``params`` with importance 1 everywhere (stored as ``[1, .., 1]`` ones)."""
+  ones = jax.tree_util.tree_map(lambda p: np.ones((1,) * np.ndim(p), np.float32), params)
+  return QuadraticAnchor(params, ones)
+
+
+def ewc_anchor(params: Any, fisher: Any) -> QuadraticAnchor:
+  """Anchor at ``params`` weighted by the diagonal Fisher (same structure and shapes)."""
+  for p, f in zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(fisher)):
+    if np.shape(p) != np.shape(f):
+      raise ValueError(f"Fisher leaf of shape {np.shape(f)} does not match param {np.shape(p)}.")
+  return QuadraticAnchor(params, fisher)
+
+
+def quadratic_distance(params: Any, anchor: QuadraticAnchor) -> Array:
+  """float32 ``sum_i importance_i * (params_i - anchor_i)^2`` (no gradient to the anchor)."""
+  anchor = jax.lax.stop_gradient(anchor)
+  p_leaves, treedef = jax.tree_util.tree_flatten(params)
+  a_leaves = treedef.flatten_up_to(anchor.anchor)
+  w_leaves = treedef.flatten_up_to(anchor.importance)
+  total = jnp.zeros((), jnp.float32)
+  for p, a, w in zip(p_leaves, a_leaves, w_leaves):
+    if np.shape(p) != np.shape(a):
+      raise ValueError(f"Anchor leaf {np.shape(a)} does not match param {np.shape(p)}: expand the "
+                       "anchor with QuadraticAnchor.expand_to after surgery.")
+    diff = p.astype(jnp.float32) - a.astype(jnp.float32)
+    total = total + jnp.sum(jnp.asarray(w, jnp.float32) * diff * diff)
+  return total
+
+
+class _AnchorPenalty:
+  """``(weight / 2) * quadratic_distance(params, anchor)`` as a trainer regularizer."""
+
+  def __init__(self, weight: float = 1.0, anchor: QuadraticAnchor | None = None, *, name: str):
+    if weight < 0:
+      raise ValueError(f"{type(self).__name__}.weight must be >= 0, got {weight}.")
+    self.weight = float(weight)
+    self.anchor = anchor
+    self.name = name
+
+  def init_state(self, ctx: Any) -> tuple[QuadraticAnchor, QuadraticAnchor]:
+    """``(anchor, its logical axes)``; the anchor must match the (expanded) params' shapes."""
+    if self.anchor is None:
+      raise ValueError(f"{type(self).__name__} needs an anchor: the previous phase's final params "
+                       "as a QuadraticAnchor (l2_anchor / ewc_anchor, then expand_to after "
+                       "surgery).")
+    for p, a in zip(jax.tree_util.tree_leaves(ctx.params),
+                    jax.tree_util.tree_leaves(self.anchor.anchor)):
+      if np.shape(p) != np.shape(a):
+        raise ValueError(f"Anchor leaf {np.shape(a)} does not match param {np.shape(p)}: expand "
+                         "the anchor with QuadraticAnchor.expand_to(params_axes, add_experts).")
+    return self.anchor, self.anchor.logical_axes(ctx.params_axes)
+
+  def __call__(self, params: Any, batch: Batch, student_logits: Array, aux_state: QuadraticAnchor,
+               rng: Array | None = None) -> tuple[Array, dict[str, Array]]:
+    """Returns ``((weight / 2) * distance, {"distance": distance})``; aux_state is the anchor."""
+    del batch, student_logits, rng
+    distance = quadratic_distance(params, aux_state)
+    return 0.5 * self.weight * distance, {"distance": distance}
+
+
+@gin.configurable(denylist=["anchor"])
+class L2Penalty(_AnchorPenalty):
+  """Online L2 to the previous phase's final params: ``(weight/2) * sum m (theta - theta*)^2``.
+
+  ``anchor``: ``l2_anchor(previous params)`` (then ``expand_to`` after surgery).
+  """
+
+  def __init__(self, weight: float = 1.0, anchor: QuadraticAnchor | None = None, *,
+               name: str = "l2"):
+    super().__init__(weight, anchor, name=name)
+
+
+@gin.configurable(denylist=["anchor"])
+class EWCPenalty(_AnchorPenalty):
+  """EWC: ``(weight/2) * sum F (theta - theta*)^2`` with the diagonal Fisher ``F``.
+
+  ``anchor``: ``ewc_anchor(previous params, estimate_fisher(...))`` (then ``expand_to``).
+  """
+
+  def __init__(self, weight: float = 1.0, anchor: QuadraticAnchor | None = None, *,
+               name: str = "ewc"):
+    super().__init__(weight, anchor, name=name)
+
+
+def estimate_fisher(model: LanguageModel, params: Any, batches: Iterable[Batch], *,
+                    num_batches: int | None = None, loss: str = "cross_entropy") -> Any:
+  """Diagonal empirical Fisher: mean over batches of the squared batch gradient.
+
+  ``F = (1/B) sum_b (d L_b / d theta)^2`` where ``L_b`` is the batch's mean token loss (eval mode,
+  no jitter). This batch-level empirical Fisher is the usual cheap EWC estimate: the gradient of a
+  mean over a batch is squared, so its scale shrinks with the batch size; ``EWCPenalty.weight``
+  absorbs the scale.
+
+  Args:
+    model: the LanguageModel of ``params``.
+    params: unboxed params (the previous phase's final params).
+    batches: batches of the previous phase's data.
+    num_batches: stop after this many batches (default: exhaust ``batches``).
+    loss: ``"cross_entropy"`` (the log-likelihood only, default) or ``"total"`` (with the router
+      auxiliary losses).
+  Returns:
+    float32 params-structured pytree (same shapes as the params).
+  """
+  if loss not in ("cross_entropy", "total"):
+    raise ValueError(f"loss must be 'cross_entropy' or 'total', got {loss!r}.")
+
+  def objective(p, batch):
+    total, metrics = model.loss(p, batch)
+    return metrics["cross_entropy"] if loss == "cross_entropy" else total
+
+  @jax.jit
+  def accumulate(acc, p, batch):
+    grads = jax.grad(objective)(p, batch)
+    return jax.tree_util.tree_map(lambda a, g: a + jnp.square(g.astype(jnp.float32)), acc, grads)
+
+  acc = jax.tree_util.tree_map(lambda p: jnp.zeros_like(p, dtype=jnp.float32), params)
+  count = 0
+  for batch in batches:
+    if num_batches is not None and count >= num_batches:
+      break
+    acc = accumulate(acc, params, batch)
+    count += 1
+  if count == 0:
+    raise ValueError("estimate_fisher got no batches.")
+  return jax.tree_util.tree_map(lambda a: a / count, acc)
