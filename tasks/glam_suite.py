@@ -143,7 +143,8 @@ def record(ex):
   correct = tuple(i for i, e in enumerate(entities) if e in answers)
   if not correct or len(entities) < 2:
     return []
-  return [FewShotExample(prompt=f"{passage}\n- {before.rstrip()}",
+  prompt = f"{passage}\n-" + (" " + before.rstrip() if before.strip() else "")
+  return [FewShotExample(prompt=prompt,
                          choices=tuple(" " + e + after for e in entities), correct=correct)]
 
 

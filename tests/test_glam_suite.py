@@ -77,7 +77,7 @@ def test_structured_tasks_render_exact_prompts(monkeypatch):
                                  "The trophy does not fit in the suitcase because the suitcase")
   assert wino.choices == (" is too big.", " is too big.") and wino.correct == (0,)
   rec = prompts.get_task("glam_record").load("validation")[0]
-  assert rec.prompt == "Paris is big.\n- Paris grows\n- "
+  assert rec.prompt == "Paris is big.\n- Paris grows\n-"
   assert rec.choices == (" Paris is big.", " Rome is big.") and rec.correct == (0,)
   race = prompts.get_task("glam_race_middle").load("test")
   assert [r.correct for r in race[:2]] == [(1,), (0,)]

@@ -348,8 +348,10 @@ def main(argv: Sequence[str]) -> None:
   from lifelong_moe_jax import gin_utils  # pylint: disable=import-outside-toplevel
   if len(argv) > 1:
     raise gin_utils.GinConfigError(f"Unexpected arguments: {argv[1:]}")
+  # Everything that registers gin configurables is imported before gin locks the config.
   import tasks  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
   import tasks.fewshot  # noqa: F401  pylint: disable=import-outside-toplevel
+  from lifelong_moe_jax import infer  # noqa: F401  pylint: disable=import-outside-toplevel
   gin_utils.parse_from_flags()
   fewshot_checkpoint()
 
