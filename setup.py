@@ -23,6 +23,7 @@ setup(
         "tensorflow-datasets>=4.9.10",
         "importlib_resources",  # imported by tfds 4.9.10 on Python 3.11 without being declared
         "clu>=0.0.12",
+        "tensorboard>=2.21,<2.22",  # clu.metric_writers writes TensorBoard events through it
         "gin-config>=0.5",
         "sentencepiece>=0.2",
         "matplotlib>=3.8",

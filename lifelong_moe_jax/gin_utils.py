@@ -4,7 +4,13 @@
   this repository's ``gin/`` folder;
 * ``--gin.NAME=VALUE``: any binding, e.g. ``--gin.TRAIN_STEPS=100`` or
   ``--gin.MODEL_DIR=\\"/tmp/run\\"`` (values are gin literals, so strings need quotes);
-* ``--gin_bindings='NAME = VALUE'`` (repeatable) is the long form of the same thing.
+* ``--gin_bindings='NAME = VALUE'`` (repeatable) is the long form of the same thing;
+* ``--data_dir`` / ``--tfds_data_dir``: where prepared corpora / TFDS datasets live;
+* ``--coordinator_address``, ``--process_count``, ``--process_index``: multi-process runs
+  (``jax.distributed.initialize``; only when a coordinator address is given).
+
+Run files mark the macros a user must set with ``NAME = %gin.REQUIRED``;
+``check_required_macros()`` lists every one still unset in a single error.
 
 Configuration errors (unknown configurable or parameter, bad literal, missing file) become one
 ``GinConfigError`` naming the binding and the fix, raised before any work starts.
@@ -25,6 +31,13 @@ REPO_GIN_DIR = pathlib.Path(__file__).resolve().parent.parent / "gin"
 flags.DEFINE_multi_string("gin_file", [], "Gin config files; later files override earlier ones.")
 flags.DEFINE_multi_string("gin_bindings", [], "Individual gin bindings ('NAME = VALUE').")
 flags.DEFINE_list("gin_search_paths", [], "Folders searched for --gin_file and gin include paths.")
+flags.DEFINE_string("data_dir", None, "Data dir with the prepared corpora and vocabulary "
+                    "(default: $LIFELONG_MOE_DATA_DIR, else ./data).")
+flags.DEFINE_string("tfds_data_dir", None, "TFDS data dir for tasks that read TFDS datasets "
+                    "(seqio's tfds_data_dir override).")
+flags.DEFINE_string("coordinator_address", None, "host:port of process 0 for multi-process runs.")
+flags.DEFINE_integer("process_count", None, "Number of processes of a multi-process run.")
+flags.DEFINE_integer("process_index", None, "This process's index in a multi-process run.")
 
 
 def _quiet_gin_resource_probe(record: logging.LogRecord) -> bool:
@@ -66,10 +79,12 @@ def search_paths(extra: Sequence[str] = ()) -> list[str]:
 
 def parse_gin(gin_files: Sequence[str], bindings: Sequence[str], gin_search_paths: Sequence[str] = (),
               *, finalize: bool = True, skip_unknown: bool = False) -> None:
-  """Parses gin files then bindings (bindings win).
+  """Parses gin files then bindings (bindings win), then (``finalize``) checks that no macro is
+  left at ``%gin.REQUIRED`` and locks the config.
 
   Raises:
-    GinConfigError: naming the missing file, unknown configurable/parameter or bad value.
+    GinConfigError: naming the missing file, unknown configurable/parameter or bad value, or
+      listing every required macro that was not set.
   """
   for path in search_paths(gin_search_paths):
     gin.add_config_file_search_path(path)
@@ -80,8 +95,13 @@ def parse_gin(gin_files: Sequence[str], bindings: Sequence[str], gin_search_path
           f"Gin file {f!r} not found (searched {search_paths(gin_search_paths)}); pass a path that "
           "exists or add its folder with --gin_search_paths.")
   try:
-    gin.parse_config_files_and_bindings(list(gin_files), list(bindings), finalize_config=finalize,
+    gin.parse_config_files_and_bindings(list(gin_files), list(bindings), finalize_config=False,
                                         skip_unknown=skip_unknown)
+    if finalize:
+      check_required_macros()
+      gin.finalize()
+  except GinConfigError:
+    raise
   except (ValueError, KeyError, SyntaxError, IOError) as e:
     raise GinConfigError(
         f"Invalid gin configuration: {e}\nCheck the spelling of the configurable and parameter "
@@ -94,8 +114,92 @@ def parse_from_flags() -> None:
   parse_gin(flags.FLAGS.gin_file, flags.FLAGS.gin_bindings, flags.FLAGS.gin_search_paths)
 
 
+_REQUIRED_MACRO = re.compile(r"^([A-Za-z_][\w./]*) = %gin\.REQUIRED$", flags=re.M)
+
+
+def missing_required_macros() -> list[str]:
+  """Names of gin macros still bound to ``%gin.REQUIRED`` (sorted)."""
+  return sorted(set(_REQUIRED_MACRO.findall(gin.config_str())))
+
+
+def check_required_macros() -> None:
+  """Raises one GinConfigError listing every macro still bound to ``%gin.REQUIRED``."""
+  missing = missing_required_macros()
+  if missing:
+    examples = " ".join(f"--gin.{name}=..." for name in missing)
+    raise GinConfigError(
+        f"Missing required gin macro(s): {', '.join(missing)}. Set each one, e.g. {examples} "
+        "(strings quoted: --gin.MODEL_DIR=\\\"/path\\\"), or bind them in a gin file.")
+
+
+def initialize_distributed(coordinator_address: str | None = None, process_count: int | None = None,
+                           process_index: int | None = None) -> bool:
+  """``jax.distributed.initialize`` when a coordinator address is given; returns whether it ran.
+
+  Raises:
+    GinConfigError: a coordinator address without process count/index (or the reverse).
+  """
+  if not coordinator_address:
+    if process_count not in (None, 1) or process_index not in (None, 0):
+      raise GinConfigError("--process_count/--process_index need --coordinator_address.")
+    return False
+  if process_count is None or process_index is None:
+    raise GinConfigError("--coordinator_address needs --process_count and --process_index.")
+  import jax  # pylint: disable=import-outside-toplevel
+  jax.distributed.initialize(coordinator_address=coordinator_address,
+                             num_processes=process_count, process_id=process_index)
+  return True
+
+
+def apply_runtime_flags() -> None:
+  """Applies the data-dir and multi-process flags of the running absl program."""
+  f = flags.FLAGS
+  if f.data_dir:
+    from lifelong_moe_jax.data import data_dir as data_dir_lib  # pylint: disable=import-outside-toplevel
+    data_dir_lib.set_data_dir(f.data_dir)
+  if f.tfds_data_dir:
+    import seqio  # pylint: disable=import-outside-toplevel
+    seqio.set_tfds_data_dir_override(f.tfds_data_dir)
+  initialize_distributed(f.coordinator_address, f.process_count, f.process_index)
+
+
+def write_operative_config(model_dir: str, filename: str = "config.gin") -> str:
+  """Writes the operative gin config (the bindings actually used) to ``model_dir/filename``."""
+  path = os.path.join(model_dir, filename)
+  os.makedirs(model_dir, exist_ok=True)
+  with open(path, "w", encoding="utf-8") as f:
+    f.write(gin.operative_config_str())
+  return path
+
+
+_QUIET_LIBRARIES = ("/orbax/", "/tensorflow_datasets/", "/seqio/")
+
+
+class _QuietLibraries:
+  """absl log filter: drops INFO records emitted from orbax, tfds and seqio internals."""
+
+  def filter(self, record) -> bool:
+    import logging as py_logging  # pylint: disable=import-outside-toplevel
+    if record.levelno > py_logging.INFO:
+      return True
+    return not any(lib in (record.pathname or "") for lib in _QUIET_LIBRARIES)
+
+
+def quiet_library_logs() -> None:
+  """Keeps INFO logs to this package's own lines (progress, eval, checkpoints); library warnings
+  and errors still show. Idempotent."""
+  from absl import logging as absl_logging  # pylint: disable=import-outside-toplevel
+  handler = absl_logging.get_absl_handler()
+  if not any(isinstance(f, _QuietLibraries) for f in handler.filters):
+    handler.addFilter(_QuietLibraries())
+
+
 def run(main, argv: Sequence[str] | None = None) -> None:
-  """``absl.app.run`` with ``--gin.NAME=VALUE`` support and offline-safe environment."""
+  """``absl.app.run`` with ``--gin.NAME=VALUE`` support and offline-safe environment.
+
+  A ``GinConfigError`` raised by ``main`` ends the program with its message (exit code 1), no
+  traceback.
+  """
   import sys
   from absl import app
   os.environ.setdefault("NO_GCE_CHECK", "true")
@@ -105,4 +209,12 @@ def run(main, argv: Sequence[str] | None = None) -> None:
     argv = rewrite_gin_args(argv)
   except GinConfigError as e:
     sys.exit(f"error: {e}")
-  app.run(main, argv=argv)
+
+  def checked_main(args):
+    quiet_library_logs()
+    try:
+      return main(args)
+    except GinConfigError as e:
+      sys.exit(f"error: {e}")
+
+  app.run(checked_main, argv=argv)

@@ -1,0 +1,234 @@
+"""Validation loss and perplexity per task, in training and from the command line.
+
+    python -m lifelong_moe_jax.eval --gin_file=models/tiny.gin --gin_file=runs/eval.gin \\
+        --gin.MODEL_DIR=\\"/tmp/run\\" --gin.MIXTURE_OR_TASK_NAME=\\"lifelong_all\\" \\
+        --gin.TASK_FEATURE_LENGTHS="{'targets': 64}" --gin.BATCH_SIZE=8
+
+Every task of the mixture (or the task itself) and every extra gin-listed task is evaluated on its
+``validation`` split: packed batches, one pass (or ``max_batches``). Results are written as
+TensorBoard scalars ``<task>/loss``, ``<task>/perplexity``, ``<task>/accuracy``,
+``<task>/num_tokens`` under ``MODEL_DIR/eval`` and as one JSON line per evaluation (same keys plus
+``step``) in ``MODEL_DIR/eval/metrics.jsonl``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from typing import Any, Mapping, Sequence
+
+from absl import logging
+import flax.linen as nn
+import gin
+import jax
+import numpy as np
+import seqio
+
+from lifelong_moe_jax import checkpoints
+from lifelong_moe_jax import gin_utils
+from lifelong_moe_jax import partitioning
+from lifelong_moe_jax.data import pipeline
+from lifelong_moe_jax.data import vocab as vocab_lib
+from lifelong_moe_jax.models import lm
+from lifelong_moe_jax.models.config import ModelConfig
+from lifelong_moe_jax.training import losses
+from lifelong_moe_jax.training import metrics as metrics_lib
+
+PyTree = Any
+EVAL_SPLIT = "validation"
+
+
+def eval_task_names(mixture_or_task_name: str | None, extra_tasks: Sequence[str] = ()) -> list[str]:
+  """Task names to evaluate: the mixture's tasks (or the task), then ``extra_tasks`` (mixtures
+  expand to their tasks), without duplicates.
+
+  Raises:
+    ValueError: an unknown name, or a task without a validation split.
+  """
+  names: list[str] = []
+  for name in ([mixture_or_task_name] if mixture_or_task_name else []) + list(extra_tasks):
+    provider = pipeline.validate_task_name(name)
+    tasks = provider.tasks if isinstance(provider, seqio.Mixture) else [provider]
+    for task in tasks:
+      if EVAL_SPLIT not in task.splits:
+        raise ValueError(f"Task {task.name!r} has no {EVAL_SPLIT!r} split (splits: "
+                         f"{sorted(task.splits)}); remove it from the eval tasks.")
+      if task.name not in names:
+        names.append(task.name)
+  return names
+
+
+def sharded_abstract_params(model: lm.LanguageModel,
+                            partitioner: partitioning.Partitioner) -> PyTree:
+  """Unboxed ``ShapeDtypeStruct`` params carrying their shardings (target of a sharded restore)."""
+  with partitioner.context():
+    shardings = partitioner.shardings(model.params_logical_axes())
+    shapes = jax.eval_shape(lambda: nn.unbox(model.init(jax.random.PRNGKey(0))))
+  return jax.tree_util.tree_map(
+      lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
+
+
+def _any_process(flag: bool) -> bool:
+  """True when ``flag`` is true on any process (all processes must call it together)."""
+  if jax.process_count() == 1:
+    return flag
+  from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+  return bool(np.any(multihost_utils.process_allgather(np.asarray(flag, np.int32))))
+
+
+class Evaluator:
+  """Evaluates params on the validation split of several tasks.
+
+  Args:
+    model: the language model.
+    partitioner: mesh + rules; params are expected sharded by their logical axes.
+    task_names: tasks to evaluate (see ``eval_task_names``).
+    task_feature_lengths: e.g. ``{"targets": 512}``.
+    batch_size: global eval batch size (split over processes like training batches).
+    max_batches: stop each task after this many global batches (None: the whole split).
+    data_dir: data dir for the datasets (None: the usual resolution).
+  """
+
+  def __init__(self, model: lm.LanguageModel, partitioner: partitioning.Partitioner,
+               task_names: Sequence[str], task_feature_lengths: Mapping[str, int],
+               batch_size: int, *, max_batches: int | None = None, data_dir: str | None = None):
+    if batch_size % jax.process_count():
+      raise ValueError(f"Eval batch size {batch_size} is not divisible by the "
+                       f"{jax.process_count()} processes.")
+    partitioning.validate_batch_for_mesh(batch_size, partitioner.mesh)
+    self.model = model
+    self.partitioner = partitioner
+    self.task_names = list(task_names)
+    self.task_feature_lengths = dict(task_feature_lengths)
+    self.batch_size = batch_size
+    self.max_batches = max_batches
+    self.data_dir = data_dir
+    self.batch_sharding = partitioner.batch_sharding()
+    with partitioner.context():
+      params_shardings = partitioner.shardings(model.params_logical_axes())
+      self._step = jax.jit(lambda p, b: losses.evaluation_sums(model, p, b),
+                           in_shardings=(params_shardings, self.batch_sharding),
+                           out_shardings=partitioner.replicated())
+
+  def _batches(self, task: str):
+    ds = pipeline.get_dataset(
+        task, self.task_feature_lengths, EVAL_SPLIT, self.batch_size // jax.process_count(),
+        shuffle=False, seed=0, repeat=False, pack=True, shard_index=jax.process_index(),
+        num_shards=jax.process_count(), data_dir=self.data_dir)
+    template = {k: np.zeros(v.shape, v.dtype.as_numpy_dtype) for k, v in ds.element_spec.items()}
+    return ds.as_numpy_iterator(), template
+
+  def evaluate_task(self, params: PyTree, task: str) -> dict[str, float]:
+    """``{"loss", "perplexity", "accuracy", "num_tokens", "num_batches"}`` for one task.
+
+    Processes that run out of data first feed all-padding batches (zero loss weight) until every
+    process is done, so all processes run the same number of steps.
+    """
+    it, template = self._batches(task)
+    totals = None
+    count = 0
+    while self.max_batches is None or count < self.max_batches:
+      local = next(it, None)
+      if not _any_process(local is not None):
+        break
+      local = template if local is None else local
+      batch = {k: jax.make_array_from_process_local_data(self.batch_sharding, v)
+               for k, v in local.items()}
+      with self.partitioner.context():
+        sums = self._step(params, batch)
+      totals = sums if totals is None else jax.tree_util.tree_map(lambda a, b: a + b, totals, sums)
+      count += 1
+    if totals is None:
+      raise ValueError(f"Task {task!r} produced no {EVAL_SPLIT} batch of {self.batch_size} "
+                       "sequences; lower the eval batch size.")
+    totals = {k: float(v) for k, v in jax.device_get(totals).items()}
+    tokens = max(totals["weight_sum"], 1.0)
+    loss = totals["nll_sum"] / tokens
+    return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)),
+            "accuracy": totals["correct_sum"] / tokens, "num_tokens": totals["weight_sum"],
+            "num_batches": float(count)}
+
+  def evaluate(self, params: PyTree) -> dict[str, dict[str, float]]:
+    """``{task: metrics}`` for every task."""
+    return {task: self.evaluate_task(params, task) for task in self.task_names}
+
+
+def flatten_results(results: Mapping[str, Mapping[str, float]]) -> dict[str, float]:
+  """``{task: {name: v}}`` -> ``{"<task>/<name>": v}``."""
+  return {f"{task}/{name}": value for task, values in results.items()
+          for name, value in values.items()}
+
+
+def write_results(writer: metrics_lib.MetricsWriter, step: int,
+                  results: Mapping[str, Mapping[str, float]]) -> None:
+  """Writes results (TensorBoard + JSONL) and logs one line per task."""
+  writer.write_scalars(step, flatten_results(results))
+  writer.flush()
+  for task, values in results.items():
+    metrics_lib.log_info("eval step %d | %s | loss %.4f | perplexity %.2f | %d tokens", step, task,
+                         values["loss"], values["perplexity"], int(values["num_tokens"]))
+
+
+@gin.configurable
+def evaluate_checkpoint(*, model_dir: str = gin.REQUIRED,
+                        mixture_or_task_name: str | None = gin.REQUIRED,
+                        task_feature_lengths: Mapping[str, int] = gin.REQUIRED,
+                        batch_size: int = gin.REQUIRED, checkpoint_path: str | None = None,
+                        extra_eval_tasks: Sequence[str] = (), max_batches: int | None = None,
+                        model_config: ModelConfig | None = None,
+                        mesh_config: partitioning.MeshConfig | None = None,
+                        data_dir: str | None = None) -> dict[str, dict[str, float]]:
+  """Evaluates a checkpoint and writes the results under ``model_dir/eval``.
+
+  Args:
+    model_dir: run folder; results go to ``model_dir/eval``.
+    mixture_or_task_name: whose tasks to evaluate (None: only ``extra_eval_tasks``).
+    task_feature_lengths: e.g. ``{"targets": 512}``.
+    batch_size: global eval batch size.
+    checkpoint_path: a step dir or run folder (default: the latest checkpoint of ``model_dir``).
+    extra_eval_tasks: more tasks or mixtures.
+    max_batches: per-task batch limit (None: whole split).
+    model_config: the model (default: ``ModelConfig()`` from gin).
+    mesh_config: the mesh (default: ``MeshConfig()`` from gin).
+    data_dir: data dir (None: the usual resolution).
+  Returns:
+    ``{task: {"loss", "perplexity", "accuracy", "num_tokens", "num_batches"}}``.
+  """
+  step_dir = checkpoints.resolve_step_dir(checkpoint_path or model_dir)
+  metadata = checkpoints.read_metadata(step_dir)
+  vocabulary = vocab_lib.get_vocabulary(data_dir=data_dir)
+  checkpoints.check_vocabulary(step_dir, vocab_lib.vocabulary_fingerprint(vocabulary))
+  model = lm.build_model(model_config or ModelConfig(), vocabulary.vocab_size)
+  mesh = partitioning.create_mesh(mesh_config or partitioning.MeshConfig())
+  partitioning.validate_model_for_mesh(model.config, mesh)
+  partitioner = partitioning.Partitioner(mesh)
+  tasks = eval_task_names(mixture_or_task_name, extra_eval_tasks)
+  if not tasks:
+    raise ValueError("Nothing to evaluate: set MIXTURE_OR_TASK_NAME or evaluate_checkpoint.extra_eval_tasks.")
+  evaluator = Evaluator(model, partitioner, tasks, task_feature_lengths, batch_size,
+                        max_batches=max_batches, data_dir=data_dir)
+  params = checkpoints.restore_params(step_dir, sharded_abstract_params(model, partitioner),
+                                      model_config=dataclasses.asdict(model.config))
+  step = int(metadata.get("step", 0))
+  logging.info("Evaluating %s (step %d) on %s.", step_dir, step, ", ".join(tasks))
+  results = evaluator.evaluate(params)
+  writer = metrics_lib.MetricsWriter(os.path.join(model_dir, "eval"),
+                                     enabled=jax.process_index() == 0)
+  try:
+    write_results(writer, step, results)
+  finally:
+    writer.close()
+  return results
+
+
+def main(argv: Sequence[str]) -> None:
+  if len(argv) > 1:
+    raise gin_utils.GinConfigError(f"Unexpected arguments: {argv[1:]}")
+  gin_utils.apply_runtime_flags()
+  import tasks  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
+  gin_utils.parse_from_flags()
+  evaluate_checkpoint()
+
+
+def console_entry() -> None:
+  gin_utils.run(main)
