@@ -1,0 +1,327 @@
+"""The lifelong report: ``report.json`` (schema in docs/lifelong_runner.md), ``report.md`` and PNGs.
+
+``build_report`` turns the per-phase results of every method into one JSON-able dict; it is a pure
+function of those results, so a run interrupted and resumed yields the same report as an
+uninterrupted one (apart from the ``timing`` entries, which measure wall-clock time).
+``write_report`` writes ``report.json``, ``report.md``, ``forgetting.png`` and one
+``expert_usage_<method>.png`` per MoE method, each atomically.
+
+Forgetting of a distribution = perplexity after the last completed phase minus perplexity right
+after the last phase that trained on it (positive = forgot). Distributions never trained on have
+no forgetting value.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Any, Mapping, Sequence
+
+REPORT_FORMAT_VERSION = 1
+TIMING_KEY = "timing"
+REPORT_JSON, REPORT_MD, FORGETTING_PNG = "report.json", "report.md", "forgetting.png"
+
+
+def short_task(task: str) -> str:
+  """``lifelong_wiki_en`` -> ``wiki_en`` (display only)."""
+  return task[len("lifelong_"):] if task.startswith("lifelong_") else task
+
+
+def usage_png_name(method: str) -> str:
+  return f"expert_usage_{method}.png"
+
+
+# ------------------------------------------------------------------------------- building
+def _own_phase(task: str, phase_tasks: Sequence[Sequence[str]], upto: int) -> int | None:
+  """Index of the last phase <= ``upto`` whose data holds ``task`` (None: never trained)."""
+  own = None
+  for i, tasks in enumerate(phase_tasks[:upto + 1]):
+    if task in tasks:
+      own = i
+  return own
+
+
+def method_summary(results: Sequence[Mapping[str, Any]], eval_tasks: Sequence[str],
+                   phase_tasks: Sequence[Sequence[str]]) -> dict[str, Any]:
+  """Per-method matrices and forgetting from its phase results (in phase order)."""
+  perplexity = {t: [r["eval"][t]["perplexity"] for r in results] for t in eval_tasks}
+  loss = {t: [r["eval"][t]["loss"] for r in results] for t in eval_tasks}
+  last = len(results) - 1
+  forgetting: dict[str, float | None] = {}
+  after_own: dict[str, float | None] = {}
+  for t in eval_tasks:
+    own = _own_phase(t, phase_tasks, last)
+    after_own[t] = None if own is None else perplexity[t][own]
+    forgetting[t] = None if own is None else perplexity[t][last] - perplexity[t][own]
+  final = {t: perplexity[t][last] for t in eval_tasks}
+  trained = [v for v in forgetting.values() if v is not None]
+  return {
+      "phases_completed": len(results),
+      "perplexity": perplexity, "loss": loss,
+      "perplexity_after_own_phase": after_own,
+      "forgetting": forgetting,
+      "final_perplexity": final,
+      "mean_final_perplexity": sum(final.values()) / len(final) if final else None,
+      "mean_forgetting": sum(trained) / len(trained) if trained else None,
+      "experts_per_layer": [r["experts_per_layer"] for r in results],
+  }
+
+
+def build_report(*, schedule: Mapping[str, Any], model_config: Mapping[str, Any],
+                 options: Mapping[str, Any], eval_tasks: Sequence[str],
+                 phase_tasks: Sequence[Sequence[str]],
+                 results: Mapping[str, Sequence[Mapping[str, Any]]],
+                 method_specs: Mapping[str, Mapping[str, Any]] | None = None) -> dict[str, Any]:
+  """The report dict (see docs/lifelong_runner.md for the schema).
+
+  Args:
+    schedule: ``LifelongSchedule.to_dict()``.
+    model_config: the base ``ModelConfig`` as a dict.
+    options: ``MethodOptions.to_dict()``.
+    eval_tasks: tasks evaluated after every phase (rows of the matrices).
+    phase_tasks: per schedule phase, the tasks of its mixture (for "own phase").
+    results: ``{method: [phase result, ...]}`` in phase order (possibly incomplete).
+    method_specs: ``{method: Method.to_dict()}`` (descriptions for the report).
+  """
+  num_phases = len(schedule["phases"])
+  methods = {}
+  for name, phases in results.items():
+    methods[name] = {
+        "spec": dict((method_specs or {}).get(name) or {}) or None,
+        "complete": len(phases) == num_phases,
+        "phases": [{k: v for k, v in r.items() if k != "format_version"} for r in phases],
+        **method_summary(phases, eval_tasks, phase_tasks),
+    }
+  return {"format_version": REPORT_FORMAT_VERSION, "schedule": dict(schedule),
+          "model_config": dict(model_config), "options": dict(options),
+          "eval_tasks": list(eval_tasks), "phase_tasks": [list(t) for t in phase_tasks],
+          "phase_names": [p["name"] for p in schedule["phases"]], "methods": methods}
+
+
+def without_timing(report: Any) -> Any:
+  """The report with every ``timing`` entry removed (what must be reproducible)."""
+  if isinstance(report, Mapping):
+    return {k: without_timing(v) for k, v in report.items() if k != TIMING_KEY}
+  if isinstance(report, list):
+    return [without_timing(v) for v in report]
+  return report
+
+
+# ------------------------------------------------------------------------------- markdown
+def _fmt(value: float | None, digits: int = 2) -> str:
+  if value is None or (isinstance(value, float) and math.isnan(value)):
+    return "-"
+  if abs(value) >= 1e5:
+    return f"{value:.3g}"
+  return f"{value:.{digits}f}"
+
+
+def _signed(value: float | None) -> str:
+  return "-" if value is None else f"{value:+.2f}"
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+  lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+  lines += ["| " + " | ".join(row) + " |" for row in rows]
+  return lines
+
+
+def comparison_table(report: Mapping[str, Any]) -> list[str]:
+  """Markdown: per method, final perplexity of every distribution, forgetting, step time."""
+  tasks = report["eval_tasks"]
+  header = (["method", "phases"] + [f"{short_task(t)} ppl" for t in tasks]
+            + ["mean ppl", "mean forgetting", "experts/layer", "s/step per phase"])
+  rows = []
+  for name, m in report["methods"].items():
+    step_times = [p.get(TIMING_KEY, {}).get("step_time") for p in m["phases"]]
+    experts = m["experts_per_layer"][-1]
+    rows.append([name, str(m["phases_completed"])]
+                + [_fmt(m["final_perplexity"][t]) for t in tasks]
+                + [_fmt(m["mean_final_perplexity"]), _signed(m["mean_forgetting"]),
+                   str(experts[0]) if experts else "dense",
+                   " / ".join(_fmt(s, 3) for s in step_times)])
+  return _table(header, rows)
+
+
+def headline_table(report: Mapping[str, Any]) -> list[str]:
+  """Markdown: the first phase's distributions right after their phase and at the end (forgetting),
+  the last phase's distributions at the end (learning the new data), and the step time per phase."""
+  first, last = report["phase_tasks"][0], report["phase_tasks"][-1]
+  names = report["phase_names"]
+  header = ["method"]
+  for t in first:
+    header += [f"{short_task(t)} after {names[0]}", f"{short_task(t)} at end", "forgetting"]
+  header += [f"{short_task(t)} at end" for t in last if t not in first]
+  header += ["s/step per phase"]
+  rows = []
+  for name, m in report["methods"].items():
+    row = [name]
+    for t in first:
+      row += [_fmt(m["perplexity"][t][0]), _fmt(m["final_perplexity"][t]),
+              _signed(m["forgetting"][t])]
+    row += [_fmt(m["final_perplexity"][t]) for t in last if t not in first]
+    row += [" / ".join(_fmt(p.get(TIMING_KEY, {}).get("step_time"), 3) for p in m["phases"])]
+    rows.append(row)
+  return _table(header, rows)
+
+
+def forgetting_table(name: str, m: Mapping[str, Any], report: Mapping[str, Any]) -> list[str]:
+  """Markdown: perplexity of each distribution (rows) after each phase (columns) + forgetting."""
+  tasks = report["eval_tasks"]
+  phases = [p["phase"] for p in m["phases"]]
+  header = ["distribution"] + [f"after {p}" for p in phases] + ["forgetting"]
+  rows = []
+  for t in tasks:
+    own = _own_phase(t, report["phase_tasks"], len(phases) - 1)
+    cells = []
+    for i, v in enumerate(m["perplexity"][t]):
+      cell = _fmt(v)
+      cells.append(f"**{cell}**" if i == own else cell)
+    rows.append([short_task(t)] + cells + [_signed(m["forgetting"][t])])
+  return _table(header, rows)
+
+
+def timing_table(report: Mapping[str, Any]) -> list[str]:
+  header = ["method", "phase", "experts/layer", "s/step", "tokens/s", "train wall s", "eval wall s"]
+  rows = []
+  for name, m in report["methods"].items():
+    for p in m["phases"]:
+      t = p.get(TIMING_KEY, {})
+      experts = p["experts_per_layer"]
+      rows.append([name, p["phase"], str(experts[0]) if experts else "dense",
+                   _fmt(t.get("step_time"), 3), _fmt(t.get("tokens_per_second"), 0),
+                   _fmt(t.get("train_wall_s"), 1), _fmt(t.get("eval_wall_s"), 1)])
+  return _table(header, rows)
+
+
+def render_markdown(report: Mapping[str, Any]) -> str:
+  """``report.md``: schedule, comparison, per-method forgetting matrices, timing, figures."""
+  sched = report["schedule"]
+  lines = ["# Lifelong pretraining report", ""]
+  lines += ["## Schedule", ""]
+  lines += _table(["#", "phase", "mixture", "steps", "add experts"],
+                  [[str(i), p["name"], p["mixture"], str(p["steps"]), str(p["add_experts"])]
+                   for i, p in enumerate(sched["phases"])])
+  lines += ["", f"Batch {sched['batch_size']} x {sched['task_feature_lengths']}, "
+            f"seed {sched['seed']}; evaluation: up to {sched['eval_max_batches']} validation "
+            f"batches of {sched['eval_batch_size']} per distribution.", ""]
+  lines += ["## Headline", ""]
+  lines += ["Validation perplexity of the first phase's data right after its phase and at the end, "
+            "of the last phase's data at the end, and train step time per phase.", ""]
+  lines += headline_table(report) + [""]
+  lines += ["## Comparison after the last completed phase", ""]
+  lines += ["Validation perplexity (lower is better); forgetting = perplexity after the last "
+            "phase minus perplexity right after the distribution's own phase.", ""]
+  lines += comparison_table(report) + [""]
+  for name, m in report["methods"].items():
+    spec = m.get("spec") or {}
+    lines += [f"## {name}", "", spec.get("description", ""), ""]
+    lines += ["Validation perplexity after each phase (bold: right after its own phase).", ""]
+    lines += forgetting_table(name, m, report) + [""]
+  lines += ["## Train step time per phase", ""]
+  lines += ["Host wall clock, compile time excluded. Lifelong-MoE's promise is a constant cost "
+            "per step while experts are added (top-k routing).", ""]
+  lines += timing_table(report) + [""]
+  lines += ["## Figures", "", f"![forgetting matrix]({FORGETTING_PNG})", ""]
+  for name, m in report["methods"].items():
+    if any(m["experts_per_layer"]):
+      lines += [f"![expert usage of {name}]({usage_png_name(name)})", ""]
+  return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------- figures
+def _pyplot():
+  import matplotlib  # pylint: disable=import-outside-toplevel
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+  return plt
+
+
+def plot_forgetting(report: Mapping[str, Any], path: str) -> None:
+  """One heatmap per method: validation perplexity of each distribution after each phase."""
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  plt = _pyplot()
+  methods = list(report["methods"].items())
+  tasks = report["eval_tasks"]
+  n = max(len(methods), 1)
+  fig, axes = plt.subplots(1, n, figsize=(1.6 + 1.5 * len(report["phase_names"]) * n,
+                                          1.2 + 0.55 * len(tasks)), squeeze=False)
+  for ax, (name, m) in zip(axes[0], methods):
+    phases = [p["phase"] for p in m["phases"]]
+    values = np.array([m["perplexity"][t] for t in tasks], dtype=float)
+    ax.imshow(np.log(values), cmap="viridis_r", aspect="auto")
+    for i in range(values.shape[0]):
+      for j in range(values.shape[1]):
+        ax.text(j, i, f"{values[i, j]:.1f}", ha="center", va="center", fontsize=8, color="white")
+    ax.set_xticks(range(len(phases)), [f"after\n{p}" for p in phases], fontsize=8)
+    ax.set_yticks(range(len(tasks)), [short_task(t) for t in tasks], fontsize=8)
+    ax.set_title(name, fontsize=10)
+  fig.suptitle("Validation perplexity after each phase", fontsize=11)
+  fig.tight_layout()
+  _save(fig, path, plt)
+
+
+def plot_expert_usage(name: str, m: Mapping[str, Any], tasks: Sequence[str], path: str) -> bool:
+  """Grid (MoE layer x phase) of heatmaps: fraction of each distribution's routing assignments
+  per expert; dashed lines separate the expert slices of successive phases. False if dense."""
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  phases = [p for p in m["phases"] if p["experts_per_layer"]]
+  if not phases:
+    return False
+  plt = _pyplot()
+  layers = len(phases[0]["experts_per_layer"])
+  max_e = max(p["num_experts"] for p in phases)
+  fig, axes = plt.subplots(layers, len(phases), squeeze=False,
+                           figsize=(1.5 + (0.35 * max_e + 0.6) * len(phases),
+                                    0.6 + (0.45 * len(tasks) + 0.6) * layers))
+  for col, p in enumerate(phases):
+    bounds = sorted({v[1] for v in p.get("expert_slices", {}).values()})[:-1]
+    for layer in range(layers):
+      ax = axes[layer][col]
+      usage = np.array([p["eval"][t]["expert_usage"][layer] for t in tasks], dtype=float)
+      ax.imshow(usage, cmap="magma", vmin=0.0, vmax=max(float(usage.max()), 1e-6), aspect="auto")
+      for b in bounds:
+        ax.axvline(b - 0.5, color="cyan", linestyle="--", linewidth=1)
+      ax.set_xticks(range(usage.shape[1]), [str(e) for e in range(usage.shape[1])], fontsize=7)
+      ax.set_yticks(range(len(tasks)), [short_task(t) for t in tasks], fontsize=7)
+      if layer == 0:
+        ax.set_title(f"after {p['phase']}", fontsize=9)
+      if col == 0:
+        ax.set_ylabel(f"MoE layer {layer}", fontsize=8)
+  fig.suptitle(f"{name}: share of each distribution's routing per expert", fontsize=10)
+  fig.tight_layout()
+  _save(fig, path, plt)
+  return True
+
+
+def _save(fig, path: str, plt) -> None:
+  tmp = f"{path}.tmp.png"
+  fig.savefig(tmp, dpi=110)
+  plt.close(fig)
+  os.replace(tmp, path)
+
+
+# ------------------------------------------------------------------------------- writing
+def write_report(model_dir: str, report: Mapping[str, Any]) -> dict[str, str]:
+  """Writes report.json, report.md and the PNGs into ``model_dir``; returns their paths."""
+  os.makedirs(model_dir, exist_ok=True)
+  paths = {"json": os.path.join(model_dir, REPORT_JSON), "md": os.path.join(model_dir, REPORT_MD)}
+  for key, text in (("json", json.dumps(report, indent=2, sort_keys=True) + "\n"),
+                    ("md", render_markdown(report) + "\n")):
+    tmp = paths[key] + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+      f.write(text)
+    os.replace(tmp, paths[key])
+  if report["methods"]:
+    paths["forgetting_png"] = os.path.join(model_dir, FORGETTING_PNG)
+    plot_forgetting(report, paths["forgetting_png"])
+    for name, m in report["methods"].items():
+      path = os.path.join(model_dir, usage_png_name(name))
+      if plot_expert_usage(name, m, report["eval_tasks"], path):
+        paths[f"usage_png_{name}"] = path
+  return paths
+
+
+def load_report(model_dir: str) -> dict[str, Any]:
+  with open(os.path.join(model_dir, REPORT_JSON), encoding="utf-8") as f:
+    return json.load(f)

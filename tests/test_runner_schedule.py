@@ -1,0 +1,74 @@
+"""Schedule validation and the shipped schedule files (gin/lifelong/*.gin) parse and validate."""
+import gin
+import pytest
+import seqio
+
+from lifelong_moe_jax import gin_utils
+from lifelong_moe_jax.lifelong import runner as runner_lib
+from lifelong_moe_jax.lifelong.schedule import LifelongSchedule, PhaseSpec, ScheduleError
+from lifelong_moe_jax.models.config import ModelConfig
+
+
+def _parse(name, *bindings):
+  gin.clear_config()
+  gin_utils.parse_gin([name], ["MODEL_DIR = '/tmp/unused'", *bindings], finalize=False)
+
+
+def test_schedule_steps_and_experts():
+  s = LifelongSchedule(phases=[{"name": "a", "mixture": "x", "steps": 10},
+                               {"name": "b", "mixture": "y", "steps": 5, "add_experts": 2},
+                               PhaseSpec("c", "z", 7, 4)])
+  assert s.names == ("a", "b", "c") and s.total_steps == 22
+  assert [s.start_step(i) for i in range(3)] == [0, 10, 15]
+  assert [s.end_step(i) for i in range(3)] == [10, 15, 22]
+  assert s.expert_counts(4) == [4, 6, 10]
+  s.validate_experts(4, expert_axis_size=2)
+  with pytest.raises(ScheduleError, match="multiple of 4"):
+    s.validate_experts(4, expert_axis_size=4)
+
+
+@pytest.mark.parametrize("phases, match", [
+    ([], "empty"),
+    ([{"name": "a", "mixture": "x", "steps": 0}], "steps must be positive"),
+    ([{"name": "a", "mixture": "x", "steps": 1}, {"name": "a", "mixture": "y", "steps": 1}],
+     "duplicate"),
+    ([{"name": "a", "mixture": "x", "steps": 1, "add_experts": 1}], "first phase"),
+    ([{"name": "a", "mixture": "x", "steps": 1, "experts": 1}], "unknown keys"),
+    ([{"name": "a", "steps": 1}], "missing"),
+    ([{"name": "a b", "mixture": "x", "steps": 1}], "letters"),
+])
+def test_invalid_schedules(phases, match):
+  with pytest.raises(ScheduleError, match=match):
+    LifelongSchedule(phases=phases)
+
+
+def test_paper_abc_parses_and_validates():
+  _parse("lifelong/paper_abc.gin")
+  try:
+    schedule = LifelongSchedule()
+    config = ModelConfig()
+    tfds = gin.query_parameter("LifelongRunner.tfds_distributions")
+    mixtures = gin.query_parameter("LifelongRunner.mixtures")
+  finally:
+    gin.clear_config()
+  assert schedule.names == ("A_web_en", "B_non_english", "C_forum")
+  assert config.num_experts == 32 and config.embed_dim == 768   # GLaM 0.1B, 32 -> 48 -> 64
+  assert schedule.expert_counts(config.num_experts) == [32, 48, 64]
+  schedule.validate_experts(config.num_experts, expert_axis_size=16)
+  assert len(schedule.methods) == 10 and schedule.total_steps == 300000
+  runner_lib.register_distributions(tfds, mixtures)   # registration only: nothing is read
+  assert "lifelong_phase_b" in seqio.MixtureRegistry.names()
+  assert {"lifelong_c4_en", "lifelong_reddit"} <= set(seqio.TaskRegistry.names())
+
+
+def test_demo_schedule_parses():
+  _parse("lifelong/demo_cpu.gin")
+  try:
+    schedule = LifelongSchedule()
+    config = ModelConfig()
+  finally:
+    gin.clear_config()
+  assert [p.mixture for p in schedule.phases] == [
+      "lifelong_wiki_en", "lifelong_code_py", "lifelong_dialog_en"]
+  assert schedule.methods == ("lifelong_moe", "finetune")
+  assert schedule.expert_counts(config.num_experts) == [4, 6, 8]
