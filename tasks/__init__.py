@@ -8,6 +8,8 @@ Import this package (as t5x imports its MIXTURE_OR_TASK_MODULE) to register ever
 See docs/data.md.
 """
 from tasks import corpora
+from tasks import fewshot  # embedded few-shot tasks (docs/fewshot.md)
+from tasks import glam_suite  # the GLaM few-shot suite on TFDS catalog names (needs the data)
 from tasks.corpora import (
     ALL_BY_SIZE_MIXTURE,
     ALL_MIXTURE,
@@ -22,6 +24,8 @@ __all__ = [
     "ALL_BY_SIZE_MIXTURE",
     "ALL_MIXTURE",
     "corpora",
+    "fewshot",
+    "glam_suite",
     "register_folder_distributions",
     "register_mixture",
     "register_text_distribution",
