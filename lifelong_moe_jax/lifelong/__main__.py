@@ -11,6 +11,7 @@ interrupted phase resumes from its last checkpoint, surgery is never applied twi
 """
 from __future__ import annotations
 
+import sys
 from typing import Sequence
 
 from absl import flags
@@ -36,10 +37,11 @@ def main(argv: Sequence[str]) -> None:
   # pylint: enable=import-outside-toplevel,unused-import
   gin_utils.parse_from_flags()
   gin_utils.check_required_macros()
-  methods = flags.FLAGS.methods
-  for name in methods or ():
-    baselines.get_method(name)
-  runner = runner_lib.LifelongRunner(methods=methods or None, data_dir=flags.FLAGS.data_dir)
+  try:   # configuration errors: one line, before any work
+    runner = runner_lib.LifelongRunner(methods=flags.FLAGS.methods or None,
+                                       data_dir=flags.FLAGS.data_dir)
+  except ValueError as e:
+    sys.exit(f"error: {e}")
   report = runner.write_report() if flags.FLAGS.report_only else runner.run()
   print("\n".join(report_lib.comparison_table(report)))
   print(f"\nReport: {runner.model_dir}/{report_lib.REPORT_MD}")

@@ -246,17 +246,21 @@ def plot_forgetting(report: Mapping[str, Any], path: str) -> None:
   n = max(len(methods), 1)
   fig, axes = plt.subplots(1, n, figsize=(1.6 + 1.5 * len(report["phase_names"]) * n,
                                           1.2 + 0.55 * len(tasks)), squeeze=False)
-  for ax, (name, m) in zip(axes[0], methods):
+  logs = [np.log(np.array([m["perplexity"][t] for t in tasks], dtype=float)) for _, m in methods]
+  low = min(float(v.min()) for v in logs)
+  high = max(max(float(v.max()) for v in logs), low + 1e-6)   # one color scale for all methods
+  for ax, (name, m), log_values in zip(axes[0], methods, logs):
     phases = [p["phase"] for p in m["phases"]]
-    values = np.array([m["perplexity"][t] for t in tasks], dtype=float)
-    ax.imshow(np.log(values), cmap="viridis_r", aspect="auto")
-    for i in range(values.shape[0]):
-      for j in range(values.shape[1]):
-        ax.text(j, i, f"{values[i, j]:.1f}", ha="center", va="center", fontsize=8, color="white")
+    ax.imshow(log_values, cmap="viridis_r", vmin=low, vmax=high, aspect="auto")
+    for i in range(log_values.shape[0]):
+      for j in range(log_values.shape[1]):
+        light = (log_values[i, j] - low) / (high - low) < 0.4   # low perplexity: light yellow
+        ax.text(j, i, f"{np.exp(log_values[i, j]):.1f}", ha="center", va="center", fontsize=8,
+                color="black" if light else "white")
     ax.set_xticks(range(len(phases)), [f"after\n{p}" for p in phases], fontsize=8)
     ax.set_yticks(range(len(tasks)), [short_task(t) for t in tasks], fontsize=8)
     ax.set_title(name, fontsize=10)
-  fig.suptitle("Validation perplexity after each phase", fontsize=11)
+  fig.suptitle("Validation perplexity after each phase (color: log scale, shared; light = lower)", fontsize=11)
   fig.tight_layout()
   _save(fig, path, plt)
 
@@ -272,14 +276,17 @@ def plot_expert_usage(name: str, m: Mapping[str, Any], tasks: Sequence[str], pat
   layers = len(phases[0]["experts_per_layer"])
   max_e = max(p["num_experts"] for p in phases)
   fig, axes = plt.subplots(layers, len(phases), squeeze=False,
-                           figsize=(1.5 + (0.35 * max_e + 0.6) * len(phases),
+                           figsize=(2.2 + (0.35 * max_e + 0.6) * len(phases),
                                     0.6 + (0.45 * len(tasks) + 0.6) * layers))
+  vmax = max(max(max(max(row) for row in p["eval"][t]["expert_usage"]) for t in tasks)
+             for p in phases)
+  image = None
   for col, p in enumerate(phases):
     bounds = sorted({v[1] for v in p.get("expert_slices", {}).values()})[:-1]
     for layer in range(layers):
       ax = axes[layer][col]
       usage = np.array([p["eval"][t]["expert_usage"][layer] for t in tasks], dtype=float)
-      ax.imshow(usage, cmap="magma", vmin=0.0, vmax=max(float(usage.max()), 1e-6), aspect="auto")
+      image = ax.imshow(usage, cmap="magma", vmin=0.0, vmax=max(vmax, 1e-6), aspect="auto")
       for b in bounds:
         ax.axvline(b - 0.5, color="cyan", linestyle="--", linewidth=1)
       ax.set_xticks(range(usage.shape[1]), [str(e) for e in range(usage.shape[1])], fontsize=7)
@@ -290,6 +297,7 @@ def plot_expert_usage(name: str, m: Mapping[str, Any], tasks: Sequence[str], pat
         ax.set_ylabel(f"MoE layer {layer}", fontsize=8)
   fig.suptitle(f"{name}: share of each distribution's routing per expert", fontsize=10)
   fig.tight_layout()
+  fig.colorbar(image, ax=axes.ravel().tolist(), fraction=0.02, pad=0.01)
   _save(fig, path, plt)
   return True
 

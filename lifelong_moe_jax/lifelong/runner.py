@@ -532,12 +532,11 @@ class LifelongRunner:
     if index == 0:
       return self._first_record(method)
     pdir = self.phase_dir(method, index)
-    steps = checkpoints.Checkpointer(pdir).all_steps() if os.path.isdir(pdir) else []
-    if not steps:
-      raise LifelongError(f"{pdir} exists but holds no checkpoint; delete it to rebuild the "
-                          "phase start.")
-    info = checkpoints.read_metadata(checkpoints.resolve_step_dir(pdir, min(steps))).get(
-        METADATA_KEY) or {}
+    try:   # every checkpoint of a phase carries the phase's record: read the latest one
+      info = checkpoints.read_metadata(checkpoints.resolve_step_dir(pdir)).get(METADATA_KEY) or {}
+    except checkpoints.CheckpointNotFoundError as e:
+      raise LifelongError(f"{pdir} exists but holds no checkpoint ({e}); delete it to rebuild the "
+                          "phase start.") from e
     if info.get("phase_index") != index or info.get("phase_name") != self.schedule.phases[index].name:
       raise LifelongError(f"{pdir}: its checkpoint belongs to phase {info.get('phase_index')} "
                           f"({info.get('phase_name')}), not {index}.")
@@ -582,6 +581,8 @@ class LifelongRunner:
         optimizer_wrapper=self._optimizer_wrapper(method, index, record),
         extra_metadata={METADATA_KEY: self._metadata_info(method, index, record)})
     train_wall = time.perf_counter() - t_train
+    logging.info("[%s] phase %d (%s) trained in %s; evaluating %d distributions.", method, index,
+                 phase.name, metrics_lib.format_duration(train_wall), len(self.eval_tasks))
     params = result.state.params
     model = result.trainer.model
     if record is not None:
@@ -644,8 +645,9 @@ class LifelongRunner:
         done += 1
         self.write_report()
         elapsed = time.perf_counter() - t0
-        logging.info("Lifelong run: %d/%d phases done, %s elapsed.", done, total,
-                     metrics_lib.format_duration(elapsed))
+        logging.info("Lifelong run: %d/%d phases done, %s elapsed, ETA %s.", done, total,
+                     metrics_lib.format_duration(elapsed),
+                     metrics_lib.format_duration(elapsed / done * (total - done)))
     return self.write_report()
 
   def _enable_compilation_cache(self) -> None:
