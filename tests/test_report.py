@@ -88,3 +88,17 @@ def test_headline_table():
   lines = report_lib.headline_table(_report())
   assert lines[0] == ("| method | a after a | a at end | forgetting | c at end | s/step per phase |")
   assert lines[2] == "| lifelong_moe | 10.00 | 13.00 | +3.00 | 30.00 | 0.100 / 0.110 / 0.120 |"
+
+
+def test_fewshot_scores_in_report(tmp_path):
+  results = _results()
+  for i, phase in enumerate(results["lifelong_moe"]):
+    phase["callbacks"] = {"fewshot": {"cloze": {"accuracy": 25.0 + i, "chance": 25.0,
+                                                "num_examples": 8}}}
+  report = report_lib.build_report(schedule=SCHEDULE, model_config={}, options={},
+                                   eval_tasks=TASKS, phase_tasks=PHASE_TASKS, results=results)
+  assert report["methods"]["lifelong_moe"]["fewshot"] == {
+      "cloze": {"metric": "accuracy", "chance": 25.0, "scores": [25.0, 26.0, 27.0]}}
+  assert report["methods"]["dense_finetune"]["fewshot"] == {}
+  md = report_lib.render_markdown(report)
+  assert "| lifelong_moe | cloze | accuracy | 25.0 | 25.0 | 26.0 | 27.0 |" in md

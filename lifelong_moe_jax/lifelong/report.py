@@ -41,6 +41,24 @@ def _own_phase(task: str, phase_tasks: Sequence[Sequence[str]], upto: int) -> in
   return own
 
 
+FEWSHOT_METRICS = ("accuracy", "exact_match", "f1", "accuracy_norm")
+
+
+def fewshot_summary(results: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+  """``{task: {"metric", "chance", "scores": [per phase, None where missing]}}`` from the phases'
+  ``callbacks.fewshot`` results (the first of FEWSHOT_METRICS a task reports); {} if none."""
+  tasks: dict[str, dict[str, Any]] = {}
+  for r in results:
+    for task, values in ((r.get("callbacks") or {}).get("fewshot") or {}).items():
+      metric = next((m for m in FEWSHOT_METRICS if m in values), None)
+      if metric is not None and task not in tasks:
+        tasks[task] = {"metric": metric, "chance": values.get("chance")}
+  for task, entry in tasks.items():
+    entry["scores"] = [((r.get("callbacks") or {}).get("fewshot") or {}).get(task, {}).get(
+        entry["metric"]) for r in results]
+  return tasks
+
+
 def method_summary(results: Sequence[Mapping[str, Any]], eval_tasks: Sequence[str],
                    phase_tasks: Sequence[Sequence[str]]) -> dict[str, Any]:
   """Per-method matrices and forgetting from its phase results (in phase order)."""
@@ -64,6 +82,7 @@ def method_summary(results: Sequence[Mapping[str, Any]], eval_tasks: Sequence[st
       "mean_final_perplexity": sum(final.values()) / len(final) if final else None,
       "mean_forgetting": sum(trained) / len(trained) if trained else None,
       "experts_per_layer": [r["experts_per_layer"] for r in results],
+      "fewshot": fewshot_summary(results),
   }
 
 
@@ -181,6 +200,20 @@ def forgetting_table(name: str, m: Mapping[str, Any], report: Mapping[str, Any])
   return _table(header, rows)
 
 
+def fewshot_table(report: Mapping[str, Any]) -> list[str]:
+  """Markdown: few-shot score of every task after every phase, per method (empty if none)."""
+  names = report["phase_names"]
+  rows = []
+  for name, m in report["methods"].items():
+    for task, entry in m.get("fewshot", {}).items():
+      scores = entry["scores"] + [None] * (len(names) - len(entry["scores"]))
+      rows.append([name, task, entry["metric"], _fmt(entry["chance"], 1)]
+                  + [_fmt(v, 1) for v in scores])
+  if not rows:
+    return []
+  return _table(["method", "task", "metric", "chance"] + [f"after {n}" for n in names], rows)
+
+
 def timing_table(report: Mapping[str, Any]) -> list[str]:
   header = ["method", "phase", "experts/layer", "s/step", "tokens/s", "train wall s", "eval wall s"]
   rows = []
@@ -218,6 +251,11 @@ def render_markdown(report: Mapping[str, Any]) -> str:
     lines += [f"## {name}", "", spec.get("description", ""), ""]
     lines += ["Validation perplexity after each phase (bold: right after its own phase).", ""]
     lines += forgetting_table(name, m, report) + [""]
+  fewshot = fewshot_table(report)
+  if fewshot:
+    lines += ["## Few-shot scores after each phase", "",
+              "Scores in percent (higher is better) beside the task's chance level.", ""]
+    lines += fewshot + [""]
   lines += ["## Train step time per phase", ""]
   lines += ["Host wall clock, compile time excluded. Lifelong-MoE's promise is a constant cost "
             "per step while experts are added (top-k routing).", ""]
