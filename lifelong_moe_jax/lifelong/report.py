@@ -334,8 +334,8 @@ def plot_expert_usage(name: str, m: Mapping[str, Any], tasks: Sequence[str], pat
       if col == 0:
         ax.set_ylabel(f"MoE layer {layer}", fontsize=8)
   fig.suptitle(f"{name}: share of each distribution's routing per expert", fontsize=10)
-  fig.tight_layout()
-  fig.colorbar(image, ax=axes.ravel().tolist(), fraction=0.02, pad=0.01)
+  fig.tight_layout(rect=(0.0, 0.0, 0.9, 1.0))
+  fig.colorbar(image, cax=fig.add_axes((0.92, 0.15, 0.015, 0.7)), label="share of assignments")
   _save(fig, path, plt)
   return True
 
