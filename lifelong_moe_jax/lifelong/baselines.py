@@ -36,7 +36,6 @@ from typing import Any, Mapping, Sequence
 
 import gin
 import jax
-import numpy as np
 import seqio
 
 from lifelong_moe_jax.data import pipeline
