@@ -25,6 +25,7 @@ import numpy as np
 from lifelong_moe_jax import partitioning
 from lifelong_moe_jax.data import pipeline
 from lifelong_moe_jax.models import lm
+from lifelong_moe_jax.training import losses
 
 PyTree = Any
 
@@ -41,11 +42,7 @@ def eval_sums(model: lm.LanguageModel, params: PyTree, batch: Mapping[str, jax.A
               ) -> dict[str, jax.Array]:
   """Sums over one batch (eval mode): nll, correct, weight, and per-layer routing usage."""
   logits, intermediates, _ = model.apply(params, batch)
-  weights = lm.loss_weights_of(batch)
-  token_ll = lm.token_log_likelihood(logits, batch["decoder_target_tokens"])
-  correct = (jnp.argmax(logits, axis=-1) == batch["decoder_target_tokens"]).astype(jnp.float32)
-  out = {"nll_sum": -jnp.sum(token_ll * weights), "correct_sum": jnp.sum(correct * weights),
-         "weight_sum": jnp.sum(weights)}
+  out = losses.token_sums(logits, batch)
   moe = lm.collect_moe_stats(intermediates, model.config)
   if moe:
     routed = jnp.sum(lm.token_mask_of(batch).astype(jnp.float32))

@@ -132,7 +132,11 @@ def evaluation_sums(model: lm.LanguageModel, params: PyTree, batch: Batch) -> di
     float32 scalars ``nll_sum`` (sum of -log p(target)), ``correct_sum`` (argmax hits) and
     ``weight_sum`` (number of target tokens); loss = nll_sum / weight_sum.
   """
-  logits = model.logits(params, batch)
+  return token_sums(model.logits(params, batch), batch)
+
+
+def token_sums(logits: jax.Array, batch: Batch) -> dict[str, jax.Array]:
+  """``nll_sum``, ``correct_sum`` and ``weight_sum`` of logits [batch, length, vocab] on a batch."""
   weights = lm.loss_weights_of(batch)
   token_ll = lm.token_log_likelihood(logits, batch["decoder_target_tokens"])
   correct = (jnp.argmax(logits, axis=-1) == batch["decoder_target_tokens"]).astype(jnp.float32)
