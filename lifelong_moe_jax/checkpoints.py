@@ -116,8 +116,15 @@ class CheckpointConfig:
                        f"{self.max_to_keep}.")
 
 
+def absolute(path: epath.PathLike) -> str:
+  """``path`` made absolute when it is local (orbax refuses relative checkpoint paths); URLs such as
+  ``gs://bucket/run`` are returned unchanged."""
+  path = os.fspath(path)
+  return path if "://" in path else os.path.abspath(path)
+
+
 def checkpoints_dir(model_dir: str) -> str:
-  return os.path.join(model_dir, CHECKPOINTS_DIR)
+  return os.path.join(absolute(model_dir), CHECKPOINTS_DIR)
 
 
 class Checkpointer:
@@ -180,7 +187,7 @@ def resolve_step_dir(path: str, step: int | None = None) -> str:
   Raises:
     CheckpointNotFoundError: no complete checkpoint there.
   """
-  p = epath.Path(path)
+  p = epath.Path(absolute(path))
   if _is_step_dir(p):
     return str(p)
   root = p / CHECKPOINTS_DIR if (p / CHECKPOINTS_DIR).exists() else p
@@ -223,7 +230,7 @@ def path_str(path: Sequence[Any]) -> str:
 
 def stored_shapes(step_dir: str) -> dict[str, tuple[tuple[int, ...], str]]:
   """``{"params/layers_1/moe/wi": (shape, dtype), ...}`` of the saved state, read from metadata."""
-  meta = ocp.PyTreeCheckpointHandler().metadata(epath.Path(step_dir) / STATE_ITEM)
+  meta = ocp.PyTreeCheckpointHandler().metadata(epath.Path(absolute(step_dir)) / STATE_ITEM)
   tree = getattr(meta, "tree", meta)
   leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
   return {path_str(p): (tuple(leaf.shape), str(leaf.dtype)) for p, leaf in leaves}
@@ -323,7 +330,7 @@ def restore_tree(step_dir: str, target: PyTree, *, partial: bool = False,
   check_compatible(step_dir, target, only_prefix=only_prefix, model_config=model_config)
   with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as ckptr:
     return ckptr.restore(
-        epath.Path(step_dir) / STATE_ITEM,
+        epath.Path(absolute(step_dir)) / STATE_ITEM,
         args=ocp.args.PyTreeRestore(target, restore_args=_restore_args(target),
                                     partial_restore=partial))
 
@@ -337,7 +344,7 @@ def restore_params(step_dir: str, abstract_params: PyTree,
 
 def restore_data_iterator(step_dir: str, iterator: Any) -> bool:
   """Restores ``iterator``'s position from ``step_dir``; False when no position was saved."""
-  item = epath.Path(step_dir) / DATA_ITEM
+  item = epath.Path(absolute(step_dir)) / DATA_ITEM
   if not item.exists():
     return False
   DataIteratorHandler().restore(item, DataIteratorRestore(iterator))

@@ -122,3 +122,20 @@ def test_missing_checkpoints_are_clear_errors(tmp_path):
     checkpoints.resolve_step_dir(str(tmp_path))
   with pytest.raises(ValueError, match="save_interval_steps"):
     checkpoints.CheckpointConfig(save_interval_steps=0)
+
+
+def test_relative_model_dir_saves_and_restores(tmp_path, monkeypatch):
+  """`make demo` passes ./runs/demo: orbax refuses relative paths, so they are made absolute."""
+  monkeypatch.chdir(tmp_path)
+  trainer = _trainer()
+  state = trainer.init_state()
+  ckpt = checkpoints.Checkpointer(os.path.join(".", "runs", "rel"),
+                                  checkpoints.CheckpointConfig(save_interval_steps=1))
+  ckpt.save(2, state, {"vocabulary_fingerprint": "byte:extra_ids=0"})
+  ckpt.close()
+  assert os.path.isdir(tmp_path / "runs" / "rel" / "checkpoints" / "2")
+  step_dir = checkpoints.resolve_step_dir("runs/rel")
+  assert os.path.isabs(step_dir)
+  restored = checkpoints.restore_params("runs/rel/checkpoints/2", trainer.abstract_state.params)
+  jax.tree_util.tree_map(np.testing.assert_array_equal, jax.device_get(restored),
+                         jax.device_get(state.params))

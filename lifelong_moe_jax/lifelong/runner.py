@@ -255,7 +255,7 @@ class LifelongRunner:
                callbacks: Mapping[str, PhaseCallback] | None = None):
     if not model_dir:
       raise LifelongError("model_dir is required (--gin.MODEL_DIR=\\\"/path\\\").")
-    self.model_dir = os.fspath(model_dir)
+    self.model_dir = checkpoints.absolute(model_dir)
     self.schedule = schedule or LifelongSchedule()
     self.methods = tuple(methods or self.schedule.methods)
     if not self.methods or len(set(self.methods)) != len(self.methods):
