@@ -5,7 +5,8 @@ r"""The CPU demo behind ``make demo``: Lifelong-MoE vs fine-tuning on wiki_en ->
 1. prepares the default corpora and vocabulary if needed (idempotent, seconds when already built);
 2. runs ``gin/lifelong/demo_cpu.gin`` (demo model, 3 phases, lifelong_moe and finetune) with the
    lifelong runner in ``--model_dir`` (re-running resumes or just reprints the report);
-3. prints the headline and comparison tables; the full report is ``<model_dir>/report.md``.
+3. prints the headline, comparison and few-shot tables (4 embedded tasks scored zero-shot after
+   every phase); the full report is ``<model_dir>/report.md``.
 
 Extra ``--gin_file`` / ``--gin.NAME=VALUE`` flags are applied after the demo schedule.
 """
@@ -46,8 +47,12 @@ def main(argv: Sequence[str]) -> None:
   print("\n".join(report_lib.headline_table(report)))
   print("\n## Comparison after the last phase\n")
   print("\n".join(report_lib.comparison_table(report)))
+  fewshot = report_lib.fewshot_table(report)
+  if fewshot:
+    print("\n## Few-shot scores after each phase (percent, higher is better; chance beside)\n")
+    print("\n".join(fewshot))
   print(f"\nDemo finished in {minutes:.1f} min. Full report: {runner.model_dir}/report.md "
-        "(forgetting.png, expert_usage_<method>.png beside it).")
+        "(forgetting.png, fewshot.png, expert_usage_<method>.png beside it).")
 
 
 if __name__ == "__main__":

@@ -77,6 +77,45 @@ def search_paths(extra: Sequence[str] = ()) -> list[str]:
   return result
 
 
+def _guard_package_resource_reader() -> None:
+  """gin's package-resource reader (``gin.resource_reader``) treats ``runs/pretrain.gin`` as file
+  ``pretrain.gin`` of a Python package ``runs``; when the working directory holds a plain folder of
+  that name (``./runs`` after ``make demo``, ``./data`` after ``make data``), ``find_spec`` returns
+  a namespace package without an origin and gin raises ``TypeError`` instead of moving on to the
+  search paths. Wraps that existence check so such a folder counts as "not a package resource"."""
+  readers = getattr(gin.config, "_FILE_READERS", None)
+  if not isinstance(readers, list):
+    return
+  for i, (reader, exists) in enumerate(readers):
+    if getattr(exists, "_lifelong_guarded", False) or exists is os.path.isfile:
+      continue
+
+    def guarded(path, _exists=exists):
+      try:
+        return _exists(path)
+      except TypeError:
+        return False
+    guarded._lifelong_guarded = True   # pylint: disable=protected-access
+    readers[i] = (reader, guarded)
+
+
+def resolve_gin_file(path: str, gin_search_paths: Sequence[str] = ()) -> str:
+  """The absolute path of a gin file given as a path or relative to a search path.
+
+  Raises:
+    GinConfigError: not found anywhere.
+  """
+  if os.path.isfile(path):
+    return os.path.abspath(path)
+  for folder in search_paths(gin_search_paths):
+    candidate = os.path.join(folder, path)
+    if os.path.isfile(candidate):
+      return os.path.abspath(candidate)
+  raise GinConfigError(
+      f"Gin file {path!r} not found (searched {search_paths(gin_search_paths)}); pass a path that "
+      "exists or add its folder with --gin_search_paths.")
+
+
 def parse_gin(gin_files: Sequence[str], bindings: Sequence[str], gin_search_paths: Sequence[str] = (),
               *, finalize: bool = True, skip_unknown: bool = False) -> None:
   """Parses gin files then bindings (bindings win), then (``finalize``) checks that no macro is
@@ -86,16 +125,12 @@ def parse_gin(gin_files: Sequence[str], bindings: Sequence[str], gin_search_path
     GinConfigError: naming the missing file, unknown configurable/parameter or bad value, or
       listing every required macro that was not set.
   """
+  _guard_package_resource_reader()
   for path in search_paths(gin_search_paths):
     gin.add_config_file_search_path(path)
-  for f in gin_files:
-    if not any(os.path.exists(os.path.join(p, f)) for p in search_paths(gin_search_paths)) \
-        and not os.path.exists(f):
-      raise GinConfigError(
-          f"Gin file {f!r} not found (searched {search_paths(gin_search_paths)}); pass a path that "
-          "exists or add its folder with --gin_search_paths.")
+  files = [resolve_gin_file(f, gin_search_paths) for f in gin_files]
   try:
-    gin.parse_config_files_and_bindings(list(gin_files), list(bindings), finalize_config=False,
+    gin.parse_config_files_and_bindings(files, list(bindings), finalize_config=False,
                                         skip_unknown=skip_unknown)
     if finalize:
       check_required_macros()

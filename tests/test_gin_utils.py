@@ -61,3 +61,21 @@ def test_distributed_flags_must_come_together():
     gin_utils.initialize_distributed(None, 2, 1)
   with pytest.raises(gin_utils.GinConfigError, match="process_count"):
     gin_utils.initialize_distributed("localhost:1234", None, 0)
+
+
+def test_folders_named_like_gin_subfolders_in_the_working_directory(tmp_path, monkeypatch):
+  """After `make demo` the working directory holds ./runs and ./data: plain folders that Python
+  sees as namespace packages, which gin's package-resource reader used to crash on."""
+  import importlib  # pylint: disable=import-outside-toplevel
+  for name in ("runs", "models", "data"):
+    (tmp_path / name).mkdir()
+  monkeypatch.chdir(tmp_path)
+  monkeypatch.syspath_prepend(str(tmp_path))
+  importlib.invalidate_caches()
+  assert importlib.util.find_spec("runs").origin is None   # the condition that broke gin
+  gin_utils.parse_gin(["runs/pretrain.gin", "lifelong/tiny_test.gin"],
+                      ['MODEL_DIR = "/tmp/x"', "TRAIN_STEPS = 3", "BATCH_SIZE = 8",
+                       'MIXTURE_OR_TASK_NAME = "lifelong_all"',
+                       "TASK_FEATURE_LENGTHS = {'targets': 32}"], finalize=False)
+  assert gin.query_parameter("ModelConfig.embed_dim") == 32   # from the include models/tiny.gin
+  assert gin_utils.resolve_gin_file("runs/pretrain.gin").endswith("/gin/runs/pretrain.gin")

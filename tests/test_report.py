@@ -81,6 +81,7 @@ def test_markdown_and_figures(tmp_path):
     with open(paths[key], "rb") as f:
       assert f.read(4) == b"\x89PNG"
   assert "usage_png_dense_finetune" not in paths   # dense: no expert usage
+  assert "fewshot_png" not in paths and "fewshot.png" not in md   # no few-shot scores
   assert not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]
 
 
@@ -93,12 +94,22 @@ def test_headline_table():
 def test_fewshot_scores_in_report(tmp_path):
   results = _results()
   for i, phase in enumerate(results["lifelong_moe"]):
-    phase["callbacks"] = {"fewshot": {"cloze": {"accuracy": 25.0 + i, "chance": 25.0,
-                                                "num_examples": 8}}}
+    phase["callbacks"] = {"fewshot": {
+        "cloze": {"accuracy": 25.0 + i, "chance": 25.0, "num_examples": 8},
+        "reply": {"accuracy": 40.0, "accuracy_norm": 30.0 + i, "chance": 25.0, "num_examples": 8,
+                  "primary_metric": "accuracy_norm", "num_shots": 0}}}
   report = report_lib.build_report(schedule=SCHEDULE, model_config={}, options={},
                                    eval_tasks=TASKS, phase_tasks=PHASE_TASKS, results=results)
   assert report["methods"]["lifelong_moe"]["fewshot"] == {
-      "cloze": {"metric": "accuracy", "chance": 25.0, "scores": [25.0, 26.0, 27.0]}}
+      "cloze": {"metric": "accuracy", "chance": 25.0, "num_examples": 8,
+                "scores": [25.0, 26.0, 27.0]},
+      "reply": {"metric": "accuracy_norm", "chance": 25.0, "num_shots": 0, "num_examples": 8,
+                "scores": [30.0, 31.0, 32.0]}}
   assert report["methods"]["dense_finetune"]["fewshot"] == {}
   md = report_lib.render_markdown(report)
-  assert "| lifelong_moe | cloze | accuracy | 25.0 | 25.0 | 26.0 | 27.0 |" in md
+  assert "| lifelong_moe | cloze | ? | accuracy | 25.0 | 25.0 | 26.0 | 27.0 |" in md
+  assert "| lifelong_moe | reply | 0 | accuracy_norm | 25.0 | 30.0 | 31.0 | 32.0 |" in md
+  assert "![few-shot scores after each phase](fewshot.png)" in md
+  paths = report_lib.write_report(str(tmp_path), report)
+  with open(paths["fewshot_png"], "rb") as f:
+    assert f.read(4) == b"\x89PNG"

@@ -34,8 +34,13 @@ def test_fewshot_scores_after_every_phase(tmp_path, prepared_data_dir):
     assert scores["fewshot_wiki_cloze"]["chance"] == 25.0
     for task in FEWSHOT_TASKS:
       assert scores[task]["num_examples"] == 8
+      assert scores[task]["num_shots"] == 1 and scores[task]["primary_metric"] == "accuracy"
       assert 0.0 <= scores[task]["accuracy"] <= 100.0
       # 8 examples: an accuracy is a multiple of 12.5 %.
       assert np.isclose(scores[task]["accuracy"] % 12.5, 0.0) or np.isclose(
           scores[task]["accuracy"] % 12.5, 12.5)
   assert report_lib.load_report(model_dir) == report
+  summary = report["methods"]["lifelong_moe"]["fewshot"]["fewshot_wiki_cloze"]
+  assert summary["scores"] == [p["callbacks"]["fewshot"]["fewshot_wiki_cloze"]["accuracy"]
+                               for p in phases]
+  assert (tmp_path / "run" / "fewshot.png").exists()

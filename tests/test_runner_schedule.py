@@ -72,3 +72,31 @@ def test_demo_schedule_parses():
       "lifelong_wiki_en", "lifelong_code_py", "lifelong_dialog_en"]
   assert schedule.methods == ("lifelong_moe", "finetune")
   assert schedule.expert_counts(config.num_experts) == [4, 6, 8]
+
+
+def test_demo_config_locks_before_the_runner_is_built(tmp_path):
+  """In a fresh process, in lifelong_moe_jax.demo's order: the demo gin is parsed and locked, then
+  the runner's few-shot callback is built; every gin configurable it needs must already be
+  registered (importing one after the lock is an error)."""
+  import os
+  import subprocess
+  import sys
+  code = (
+      "from lifelong_moe_jax import gin_utils\n"
+      "import tasks\n"
+      "from lifelong_moe_jax.lifelong import runner\n"
+      "gin_utils.parse_gin(['lifelong/demo_cpu.gin'], [\"MODEL_DIR = 'unused'\"])\n"
+      "fewshot = runner.FewshotEval()\n"
+      "assert fewshot.enabled and fewshot.max_examples == 200, fewshot\n"
+      "fewshot.callback()\n"
+      "print('ok')\n")
+  env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                       cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                       timeout=300)
+  assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]
+
+
+def test_unknown_fewshot_task_is_refused_before_training():
+  with pytest.raises(runner_lib.LifelongError, match="fewshot_nope.*Registered"):
+    runner_lib.FewshotEval(enabled=True, task_names=["fewshot_nope"]).callback()

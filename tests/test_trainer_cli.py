@@ -185,6 +185,76 @@ def test_eval_jsonl_standalone_eval_and_config(straight):
                                                                        "model": 1}
 
 
+def _cli(data_dir, module, *args):
+  proc = subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, env=_env(data_dir),
+                        capture_output=True, text=True, timeout=900)
+  return proc
+
+
+def test_eval_cli_runs_validation_loss_and_fewshot(straight, prepared_data_dir, tmp_path):
+  """The documented `python -m lifelong_moe_jax.eval` commands: runs/eval.gin and runs/fewshot.gin
+  in one process; the validation loss equals the in-training eval of the same checkpoint."""
+  model_dir, _ = straight
+  eval_dir, fewshot_dir = str(tmp_path / "eval_run"), str(tmp_path / "fewshot")
+  proc = _cli(prepared_data_dir, "lifelong_moe_jax.eval",
+              "--gin_file=models/tiny.gin", "--gin_file=runs/eval.gin",
+              "--gin_file=runs/fewshot.gin", f'--gin.MODEL_DIR="{eval_dir}"',
+              f'--gin.CHECKPOINT_PATH="{model_dir}"', '--gin.MIXTURE_OR_TASK_NAME="lifelong_all"',
+              "--gin.TASK_FEATURE_LENGTHS={'targets': 64}", "--gin.BATCH_SIZE=8",
+              "--gin.evaluate_checkpoint.max_batches=1", "--gin.NUM_SHOTS=1",
+              "--gin.MAX_EXAMPLES=8", "--gin.FEWSHOT_TASKS=['fewshot_polarity']",
+              f'--gin.OUTPUT_DIR="{fewshot_dir}"')
+  assert proc.returncode == 0, proc.stderr[-5000:]
+  in_training = metrics_lib.read_jsonl(os.path.join(model_dir, "eval", "metrics.jsonl"))[0]
+  standalone = metrics_lib.read_jsonl(os.path.join(eval_dir, "eval", "metrics.jsonl"))
+  assert [r["step"] for r in standalone] == [40]
+  assert standalone[0]["lifelong_wiki_en/loss"] == pytest.approx(
+      in_training["lifelong_wiki_en/loss"], rel=1e-5)
+  with open(os.path.join(fewshot_dir, "fewshot-k1.json"), encoding="utf-8") as f:
+    summary = json.load(f)
+  assert summary["step"] == 40 and summary["k"] == 1
+  scores = summary["results"]["fewshot_polarity"]
+  assert scores["num_examples"] == 8 and scores["chance"] == 50.0
+  with open(os.path.join(fewshot_dir, "fewshot_polarity-k1.jsonl"), encoding="utf-8") as f:
+    records = [json.loads(line) for line in f]
+  assert len(records) == 8
+  assert scores["accuracy"] == pytest.approx(100 * np.mean([r["is_correct"] for r in records]))
+  assert "fewshot_polarity" in proc.stdout and "chance" in proc.stdout
+
+
+def test_eval_cli_without_a_job_is_a_clear_error(prepared_data_dir):
+  proc = _cli(prepared_data_dir, "lifelong_moe_jax.eval", "--gin_file=models/tiny.gin")
+  assert proc.returncode != 0
+  assert "Nothing to evaluate: pass --gin_file=runs/eval.gin" in proc.stderr
+
+
+def test_infer_cli_documented_commands(straight, prepared_data_dir, tmp_path):
+  """docs/inference.md: score mode, predict mode and --prompt on a trained checkpoint."""
+  model_dir, _ = straight
+  out = str(tmp_path / "infer")
+  base = ["--gin_file=runs/infer.gin", f'--gin.CHECKPOINT_PATH="{model_dir}"',
+          f'--gin.OUTPUT_DIR="{out}"']
+  score = _cli(prepared_data_dir, "lifelong_moe_jax.infer", *base,
+               '--gin.MIXTURE_OR_TASK_NAME="fewshot_polarity"', '--gin.INFER_MODE="score"',
+               "--gin.infer.max_examples=8")
+  assert score.returncode == 0, score.stderr[-5000:]
+  with open(os.path.join(out, "fewshot_polarity-score.jsonl"), encoding="utf-8") as f:
+    rows = [json.loads(line) for line in f]
+  assert len(rows) == 8 and all({"inputs", "targets", "score"} <= set(r) for r in rows)
+  assert all(r["score"] < 0 for r in rows)   # log-likelihoods
+  predict = _cli(prepared_data_dir, "lifelong_moe_jax.infer", *base,
+                 '--gin.MIXTURE_OR_TASK_NAME="lifelong_dialog_en"', '--gin.INFER_MODE="predict"',
+                 "--gin.infer.max_examples=8", "--gin.infer.max_decode_len=8")
+  assert predict.returncode == 0, predict.stderr[-5000:]
+  with open(os.path.join(out, "lifelong_dialog_en-predict.jsonl"), encoding="utf-8") as f:
+    rows = [json.loads(line) for line in f]
+  assert len(rows) == 8 and all(isinstance(r["prediction"], str) for r in rows)
+  prompt = _cli(prepared_data_dir, "lifelong_moe_jax.infer", *base, "--prompt",
+                "def fibonacci(n):", "--gin.infer.max_decode_len=8")
+  assert prompt.returncode == 0, prompt.stderr[-5000:]
+  assert "def fibonacci(n):" in prompt.stdout
+
+
 def test_mismatched_cli_checkpoint_names_params(straight):
   model_dir, _ = straight
   config = ModelConfig(**dict(checkpoints.read_metadata(model_dir)["model_config"],

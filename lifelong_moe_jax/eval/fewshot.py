@@ -16,9 +16,9 @@ from the left, i.e. the first demonstrations go first. All batches of a task sha
 longest prompt and continuation, rounded up to a power of two), so a task compiles once and later
 calls with the same model config (e.g. after every lifelong phase) reuse the compilation.
 
-CLI (a checkpoint, see docs/fewshot.md)::
+CLI (a checkpoint, see docs/fewshot.md; ``fewshot_checkpoint``)::
 
-    python -m lifelong_moe_jax.eval.fewshot --gin_file=runs/fewshot.gin \\
+    python -m lifelong_moe_jax.eval --gin_file=runs/fewshot.gin \\
       --gin.CHECKPOINT_PATH=\\"/tmp/run\\" --gin.OUTPUT_DIR=\\"/tmp/run/fewshot\\"
 
 writes ``OUTPUT_DIR/fewshot-k<k>.json`` (the results dict) and ``OUTPUT_DIR/<task>-k<k>.jsonl``
@@ -342,20 +342,3 @@ def format_results(results: dict[str, dict[str, float]]) -> str:
     lines.append(f"{name:28s} {metric:14s} {m.get(metric, float('nan')):7.1f} "
                  f"{m.get('chance', float('nan')):7.1f} {int(m.get('num_examples', 0)):5d}")
   return "\n".join(lines)
-
-
-def main(argv: Sequence[str]) -> None:
-  from lifelong_moe_jax import gin_utils  # pylint: disable=import-outside-toplevel
-  if len(argv) > 1:
-    raise gin_utils.GinConfigError(f"Unexpected arguments: {argv[1:]}")
-  # Everything that registers gin configurables is imported before gin locks the config.
-  import tasks  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
-  import tasks.fewshot  # noqa: F401  pylint: disable=import-outside-toplevel
-  from lifelong_moe_jax import infer  # noqa: F401  pylint: disable=import-outside-toplevel
-  gin_utils.parse_from_flags()
-  fewshot_checkpoint()
-
-
-if __name__ == "__main__":
-  from lifelong_moe_jax import gin_utils as _gin_utils  # pylint: disable=ungrouped-imports
-  _gin_utils.run(main)

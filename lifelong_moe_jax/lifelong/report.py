@@ -3,8 +3,8 @@
 ``build_report`` turns the per-phase results of every method into one JSON-able dict; it is a pure
 function of those results, so a run interrupted and resumed yields the same report as an
 uninterrupted one (apart from the ``timing`` entries, which measure wall-clock time).
-``write_report`` writes ``report.json``, ``report.md``, ``forgetting.png`` and one
-``expert_usage_<method>.png`` per MoE method, each atomically.
+``write_report`` writes ``report.json``, ``report.md``, ``forgetting.png``, ``fewshot.png`` (when
+few-shot scores exist) and one ``expert_usage_<method>.png`` per MoE method, each atomically.
 
 Forgetting of a distribution = perplexity after the last completed phase minus perplexity right
 after the last phase that trained on it (positive = forgot). Distributions never trained on have
@@ -20,6 +20,7 @@ from typing import Any, Mapping, Sequence
 REPORT_FORMAT_VERSION = 1
 TIMING_KEY = "timing"
 REPORT_JSON, REPORT_MD, FORGETTING_PNG = "report.json", "report.md", "forgetting.png"
+FEWSHOT_PNG = "fewshot.png"
 
 
 def short_task(task: str) -> str:
@@ -46,13 +47,19 @@ FEWSHOT_METRICS = ("accuracy", "exact_match", "f1", "accuracy_norm")
 
 def fewshot_summary(results: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
   """``{task: {"metric", "chance", "scores": [per phase, None where missing]}}`` from the phases'
-  ``callbacks.fewshot`` results (the first of FEWSHOT_METRICS a task reports); {} if none."""
+  ``callbacks.fewshot`` results (the task's ``primary_metric`` when recorded, else the first of
+  FEWSHOT_METRICS it reports; ``num_shots`` and ``num_examples`` when recorded); {} if none."""
   tasks: dict[str, dict[str, Any]] = {}
   for r in results:
     for task, values in ((r.get("callbacks") or {}).get("fewshot") or {}).items():
-      metric = next((m for m in FEWSHOT_METRICS if m in values), None)
+      metric = values.get("primary_metric")
+      if metric not in values:
+        metric = next((m for m in FEWSHOT_METRICS if m in values), None)
       if metric is not None and task not in tasks:
         tasks[task] = {"metric": metric, "chance": values.get("chance")}
+        for key in ("num_shots", "num_examples"):
+          if key in values:
+            tasks[task][key] = values[key]
   for task, entry in tasks.items():
     entry["scores"] = [((r.get("callbacks") or {}).get("fewshot") or {}).get(task, {}).get(
         entry["metric"]) for r in results]
@@ -207,11 +214,11 @@ def fewshot_table(report: Mapping[str, Any]) -> list[str]:
   for name, m in report["methods"].items():
     for task, entry in m.get("fewshot", {}).items():
       scores = entry["scores"] + [None] * (len(names) - len(entry["scores"]))
-      rows.append([name, task, entry["metric"], _fmt(entry["chance"], 1)]
-                  + [_fmt(v, 1) for v in scores])
+      rows.append([name, task, str(entry.get("num_shots", "?")), entry["metric"],
+                   _fmt(entry["chance"], 1)] + [_fmt(v, 1) for v in scores])
   if not rows:
     return []
-  return _table(["method", "task", "metric", "chance"] + [f"after {n}" for n in names], rows)
+  return _table(["method", "task", "k", "metric", "chance"] + [f"after {n}" for n in names], rows)
 
 
 def timing_table(report: Mapping[str, Any]) -> list[str]:
@@ -261,6 +268,8 @@ def render_markdown(report: Mapping[str, Any]) -> str:
             "per step while experts are added (top-k routing).", ""]
   lines += timing_table(report) + [""]
   lines += ["## Figures", "", f"![forgetting matrix]({FORGETTING_PNG})", ""]
+  if fewshot:
+    lines += [f"![few-shot scores after each phase]({FEWSHOT_PNG})", ""]
   for name, m in report["methods"].items():
     if any(m["experts_per_layer"]):
       lines += [f"![expert usage of {name}]({usage_png_name(name)})", ""]
@@ -301,6 +310,55 @@ def plot_forgetting(report: Mapping[str, Any], path: str) -> None:
   fig.suptitle("Validation perplexity after each phase (color: log scale, shared; light = lower)", fontsize=11)
   fig.tight_layout()
   _save(fig, path, plt)
+
+
+def plot_fewshot(report: Mapping[str, Any], path: str) -> bool:
+  """One panel per few-shot task: score after each phase, one line per method, chance dashed with
+  the band a uniform guesser falls in 95 % of the time (binomial, ``num_examples`` questions).
+  False (nothing written) when no method has few-shot scores."""
+  methods = [(name, m["fewshot"]) for name, m in report["methods"].items() if m.get("fewshot")]
+  if not methods:
+    return False
+  plt = _pyplot()
+  tasks = list(dict.fromkeys(t for _, fs in methods for t in fs))
+  phases = report["phase_names"]
+  cols = min(len(tasks), 4)
+  rows = -(-len(tasks) // cols)
+  fig, axes = plt.subplots(rows, cols, figsize=(0.8 + 3.0 * cols, 0.6 + 2.6 * rows), squeeze=False)
+  for ax, task in zip([a for row in axes for a in row], tasks):
+    entry = None
+    for name, fs in methods:
+      if task not in fs:
+        continue
+      entry = fs[task]
+      points = [(i, v) for i, v in enumerate(entry["scores"]) if v is not None]
+      ax.plot([i for i, _ in points], [v for _, v in points], marker="o", label=name)
+    values = [v for _, fs in methods for v in fs.get(task, {}).get("scores", []) if v is not None]
+    chance = entry.get("chance") if entry is not None else None
+    if chance is not None:
+      ax.axhline(chance, color="gray", linestyle="--", linewidth=1, label="chance")
+      n = entry.get("num_examples")
+      if n and 0.0 < chance < 100.0:
+        half = 196.0 * math.sqrt(chance / 100.0 * (1.0 - chance / 100.0) / n)
+        ax.axhspan(chance - half, chance + half, color="gray", alpha=0.15, linewidth=0,
+                   label="95% band of chance")
+      values.append(chance)
+    if values:   # at least +-10 points around the data so that noise does not look like a trend
+      low, high = min(values), max(values)
+      pad = max(0.0, (20.0 - (high - low)) / 2)
+      ax.set_ylim(max(0.0, low - pad - 2), min(100.0, high + pad + 2))
+    ax.set_xticks(range(len(phases)), [f"after\n{p}" for p in phases], fontsize=7)
+    ax.set_title(f"{task.removeprefix('fewshot_')} ({entry['metric'] if entry else ''})",
+                 fontsize=9)
+    ax.tick_params(axis="y", labelsize=7)
+  for ax in [a for row in axes for a in row][len(tasks):]:
+    ax.axis("off")
+  handles, labels = axes[0][0].get_legend_handles_labels()
+  fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=8)
+  fig.suptitle("Few-shot score (%) after each phase", fontsize=11)
+  fig.tight_layout(rect=(0.0, 0.08, 1.0, 1.0))
+  _save(fig, path, plt)
+  return True
 
 
 def plot_expert_usage(name: str, m: Mapping[str, Any], tasks: Sequence[str], path: str) -> bool:
@@ -361,6 +419,9 @@ def write_report(model_dir: str, report: Mapping[str, Any]) -> dict[str, str]:
   if report["methods"]:
     paths["forgetting_png"] = os.path.join(model_dir, FORGETTING_PNG)
     plot_forgetting(report, paths["forgetting_png"])
+    fewshot_path = os.path.join(model_dir, FEWSHOT_PNG)
+    if plot_fewshot(report, fewshot_path):
+      paths["fewshot_png"] = fewshot_path
     for name, m in report["methods"].items():
       path = os.path.join(model_dir, usage_png_name(name))
       if plot_expert_usage(name, m, report["eval_tasks"], path):

@@ -53,6 +53,8 @@ from lifelong_moe_jax import partitioning
 from lifelong_moe_jax import train as train_lib
 from lifelong_moe_jax.data import pipeline
 from lifelong_moe_jax.data import vocab as vocab_lib
+from lifelong_moe_jax.eval import fewshot as fewshot_lib
+from lifelong_moe_jax.eval import prompts
 from lifelong_moe_jax.lifelong import baselines
 from lifelong_moe_jax.lifelong import distill
 from lifelong_moe_jax.lifelong import freeze
@@ -116,7 +118,8 @@ class FewshotEval:
   """Optional few-shot evaluation after every phase (off by default).
 
   Uses ``lifelong_moe_jax.eval.fewshot.run_fewshot``; results go to the phase result and the report
-  under ``callbacks.fewshot``.
+  under ``callbacks.fewshot``: ``{task: {metric: value, "chance", "num_examples", "primary_metric",
+  "num_shots"}}``.
 
   Attributes:
     enabled: run it.
@@ -130,17 +133,21 @@ class FewshotEval:
   max_examples: int | None = None
 
   def callback(self) -> PhaseCallback:
-    try:
-      from lifelong_moe_jax.eval import fewshot  # pylint: disable=import-outside-toplevel
-    except ImportError as e:
-      raise LifelongError("FewshotEval.enabled is set but lifelong_moe_jax.eval.fewshot cannot be "
-                          f"imported ({e}); set FewshotEval.enabled = False.") from e
+    """The phase callback; unknown task names are refused here, before any training."""
     task_names = list(self.task_names) if self.task_names else None
+    for name in task_names or ():
+      try:
+        prompts.get_task(name)
+      except prompts.FewShotError as e:
+        raise LifelongError(f"FewshotEval.task_names: {e}") from e
     extra = {} if self.max_examples is None else {"max_examples": self.max_examples}
 
     def run(ctx: PhaseContext) -> Mapping[str, Any]:
-      return fewshot.run_fewshot(ctx.model, ctx.params, ctx.vocabulary, task_names, self.k,
-                                 **extra)
+      results = fewshot_lib.run_fewshot(ctx.model, ctx.params, ctx.vocabulary, task_names, self.k,
+                                        **extra)
+      num_shots = self.k if self.k is not None else prompts.fewshot_defaults()["num_shots"]
+      return {name: dict(values, primary_metric=prompts.get_task(name).primary_metric,
+                         num_shots=num_shots) for name, values in results.items()}
     return run
 
 

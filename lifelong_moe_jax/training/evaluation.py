@@ -25,7 +25,6 @@ import numpy as np
 import seqio
 
 from lifelong_moe_jax import checkpoints
-from lifelong_moe_jax import gin_utils
 from lifelong_moe_jax import partitioning
 from lifelong_moe_jax.data import pipeline
 from lifelong_moe_jax.data import vocab as vocab_lib
@@ -219,16 +218,3 @@ def evaluate_checkpoint(*, model_dir: str = gin.REQUIRED,
   finally:
     writer.close()
   return results
-
-
-def main(argv: Sequence[str]) -> None:
-  if len(argv) > 1:
-    raise gin_utils.GinConfigError(f"Unexpected arguments: {argv[1:]}")
-  gin_utils.apply_runtime_flags()
-  import tasks  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
-  gin_utils.parse_from_flags()
-  evaluate_checkpoint()
-
-
-def console_entry() -> None:
-  gin_utils.run(main)
