@@ -23,7 +23,7 @@ data: $(STAMP)
 	$(PY) -m lifelong_moe_jax.data.prepare --data_dir $(DATA_DIR)
 
 test: $(STAMP)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=15 tests
 
 demo: data
 	$(PY) -m lifelong_moe_jax.demo --data_dir $(DATA_DIR) --model_dir $(MODEL_DIR)
