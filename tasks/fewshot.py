@@ -121,15 +121,23 @@ def wiki_cloze_items(documents: Sequence[str]) -> list[tuple[str, str]]:
   return items
 
 
-def _wiki_cloze(split: str) -> list[FewShotExample]:
-  items = wiki_cloze_items(prepared_documents("wiki_en", split))
-  pool = [word for _, word in items]
+def _pooled_choice(items: Sequence[tuple[str, str]], name: str, split: str,
+                   answer_prefix: str = "") -> list[FewShotExample]:
+  """``NUM_CHOICES``-way questions from (context, answer) items, in the stable order of task
+  ``fewshot_<name>``, capped; the distractors are answers of other items of the split, seeded by
+  ``name`` and the context."""
+  pool = [answer for _, answer in items]
   out = []
-  for context, word in prompts.stable_shuffle(items, "fewshot_wiki_cloze", split)[:_cap(split)]:
-    distractors = prompts.pick_distractors(word, pool, NUM_CHOICES - 1, "wiki_cloze", context)
-    out.append(prompts.multiple_choice(context, " " + word, [" " + d for d in distractors],
-                                       "wiki_cloze", context))
+  for context, answer in prompts.stable_shuffle(items, f"fewshot_{name}", split)[:_cap(split)]:
+    distractors = prompts.pick_distractors(answer, pool, NUM_CHOICES - 1, name, context)
+    out.append(prompts.multiple_choice(context, answer_prefix + answer,
+                                       [answer_prefix + d for d in distractors], name, context))
   return out
+
+
+def _wiki_cloze(split: str) -> list[FewShotExample]:
+  return _pooled_choice(wiki_cloze_items(prepared_documents("wiki_en", split)), "wiki_cloze",
+                        split, answer_prefix=" ")
 
 
 # ------------------------------------------------------------------------------- code_py
@@ -202,13 +210,8 @@ def dialog_items(documents: Sequence[str]) -> list[tuple[str, str]]:
 
 
 def _dialog_response(split: str) -> list[FewShotExample]:
-  items = dialog_items(prepared_documents("dialog_en", split))
-  pool = [turn for _, turn in items]
-  out = []
-  for context, turn in prompts.stable_shuffle(items, "fewshot_dialog_response", split)[:_cap(split)]:
-    distractors = prompts.pick_distractors(turn, pool, NUM_CHOICES - 1, "dialog_response", context)
-    out.append(prompts.multiple_choice(context, turn, distractors, "dialog_response", context))
-  return out
+  return _pooled_choice(dialog_items(prepared_documents("dialog_en", split)), "dialog_response",
+                        split)
 
 
 # ------------------------------------------------------------------------------- gensim files

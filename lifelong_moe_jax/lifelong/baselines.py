@@ -32,13 +32,13 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import os
 from typing import Any, Mapping, Sequence
 
 import gin
 import jax
 import seqio
 
+from lifelong_moe_jax import checkpoints
 from lifelong_moe_jax.data import pipeline
 from lifelong_moe_jax.models.config import ModelConfig
 
@@ -264,7 +264,7 @@ def save_fisher(directory: str, fisher: Any) -> None:
   """Writes a Fisher pytree with orbax (sharded arrays are written shard by shard)."""
   import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
   with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as ckptr:
-    ckptr.save(os.path.abspath(directory), args=ocp.args.PyTreeSave(fisher))
+    ckptr.save(checkpoints.absolute(directory), args=ocp.args.PyTreeSave(fisher))
 
 
 def load_fisher(directory: str, abstract: Any) -> Any:
@@ -274,7 +274,7 @@ def load_fisher(directory: str, abstract: Any) -> Any:
       lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding, global_shape=x.shape, dtype=x.dtype),
       abstract)
   with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as ckptr:
-    return ckptr.restore(os.path.abspath(directory), args=ocp.args.PyTreeRestore(abstract,
+    return ckptr.restore(checkpoints.absolute(directory), args=ocp.args.PyTreeRestore(abstract,
                                                                  restore_args=restore_args))
 
 

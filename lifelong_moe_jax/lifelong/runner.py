@@ -431,7 +431,7 @@ class LifelongRunner:
         source: Any = "round_robin"
         if self.options.expert_init == "copy" and self.options.source_experts == "usage":
           evaluator = phase_eval.PhaseEvaluator(
-              prev_model, self.partitioner, self.schedule.task_feature_lengths,
+              prev_model, self.partitioner, (), self.schedule.task_feature_lengths,
               self.schedule.eval_batch, data_dir=self.data_dir)
           source = evaluator.expert_usage(params, mixture, self.options.usage_batches)
         result = surgery.expand_for_phase(
@@ -596,10 +596,10 @@ class LifelongRunner:
       record.validate_expert_counts(surgery.expert_counts(params, result.trainer.params_axes))
     t_eval = time.perf_counter()
     evaluator = phase_eval.PhaseEvaluator(
-        model, result.trainer.partitioner, self.schedule.task_feature_lengths,
+        model, result.trainer.partitioner, self.eval_tasks, self.schedule.task_feature_lengths,
         self.schedule.eval_batch, max_batches=self.schedule.eval_max_batches,
         data_dir=self.data_dir, batch_cache=self._eval_batch_cache)
-    evals = evaluator.evaluate(params, self.eval_tasks)
+    evals = evaluator.evaluate(params)
     for task, values in evals.items():
       logging.info("[%s] after %s | %s | loss %.4f | perplexity %.2f", method, phase.name, task,
                    values["loss"], values["perplexity"])

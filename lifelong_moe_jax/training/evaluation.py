@@ -13,14 +13,16 @@ TensorBoard scalars ``<task>/loss``, ``<task>/perplexity``, ``<task>/accuracy``,
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 import os
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 from absl import logging
 import flax.linen as nn
 import gin
 import jax
+import jax.numpy as jnp
 import numpy as np
 import seqio
 
@@ -75,6 +77,15 @@ def _any_process(flag: bool) -> bool:
   return bool(np.any(multihost_utils.process_allgather(np.asarray(flag, np.int32))))
 
 
+def loss_metrics(totals: Mapping[str, Any]) -> dict[str, float]:
+  """``loss`` (mean NLL per target token), ``perplexity`` and ``accuracy`` from summed
+  ``nll_sum``, ``correct_sum`` and ``weight_sum``."""
+  tokens = max(float(totals["weight_sum"]), 1.0)
+  loss = float(totals["nll_sum"]) / tokens
+  return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)),
+          "accuracy": float(totals["correct_sum"]) / tokens}
+
+
 class Evaluator:
   """Evaluates params on the validation split of several tasks.
 
@@ -86,11 +97,19 @@ class Evaluator:
     batch_size: global eval batch size (split over processes like training batches).
     max_batches: stop each task after this many global batches (None: the whole split).
     data_dir: data dir for the datasets (None: the usual resolution).
+    sums_fn: ``fn(model, params, batch) -> {name: sum}`` computed per batch in one jitted call and
+      added up over the pass; it must return at least ``nll_sum``, ``correct_sum`` and
+      ``weight_sum`` (default ``losses.evaluation_sums``).
+    batch_cache: a dict shared between evaluators (e.g. one per lifelong phase) that keeps the
+      host batches of every bounded pass (``max_batches`` set), so later evaluators skip building
+      the input pipeline; the batches are deterministic, so results are unchanged.
   """
 
   def __init__(self, model: lm.LanguageModel, partitioner: partitioning.Partitioner,
                task_names: Sequence[str], task_feature_lengths: Mapping[str, int],
-               batch_size: int, *, max_batches: int | None = None, data_dir: str | None = None):
+               batch_size: int, *, max_batches: int | None = None, data_dir: str | None = None,
+               sums_fn: Callable[..., dict[str, jax.Array]] = losses.evaluation_sums,
+               batch_cache: dict | None = None):
     if batch_size % jax.process_count():
       raise ValueError(f"Eval batch size {batch_size} is not divisible by the "
                        f"{jax.process_count()} processes.")
@@ -102,31 +121,45 @@ class Evaluator:
     self.batch_size = batch_size
     self.max_batches = max_batches
     self.data_dir = data_dir
+    self.batch_cache = batch_cache
     self.batch_sharding = partitioner.batch_sharding()
     with partitioner.context():
       params_shardings = partitioner.shardings(model.params_logical_axes())
-      self._step = jax.jit(lambda p, b: losses.evaluation_sums(model, p, b),
+      self._step = jax.jit(lambda p, b: sums_fn(model, p, b),
                            in_shardings=(params_shardings, self.batch_sharding),
                            out_shardings=partitioner.replicated())
 
-  def _batches(self, task: str):
+  def _dataset(self, task: str, split: str) -> tuple[Iterator, dict]:
     ds = pipeline.get_dataset(
-        task, self.task_feature_lengths, EVAL_SPLIT, self.batch_size // jax.process_count(),
+        task, self.task_feature_lengths, split, self.batch_size // jax.process_count(),
         shuffle=False, seed=0, repeat=False, pack=True, shard_index=jax.process_index(),
         num_shards=jax.process_count(), data_dir=self.data_dir)
     template = {k: np.zeros(v.shape, v.dtype.as_numpy_dtype) for k, v in ds.element_spec.items()}
     return ds.as_numpy_iterator(), template
 
-  def evaluate_task(self, params: PyTree, task: str) -> dict[str, float]:
-    """``{"loss", "perplexity", "accuracy", "num_tokens", "num_batches"}`` for one task.
+  def _local_batches(self, task: str, split: str, limit: int | None) -> tuple[Iterator, dict]:
+    """This process's batches of a pass (from ``batch_cache`` when the pass is bounded)."""
+    if self.batch_cache is None or limit is None:
+      return self._dataset(task, split)
+    key = (task, split, limit, self.batch_size, tuple(sorted(self.task_feature_lengths.items())))
+    if key not in self.batch_cache:
+      it, template = self._dataset(task, split)
+      self.batch_cache[key] = (list(itertools.islice(it, limit)), template)
+    batches, template = self.batch_cache[key]
+    return iter(batches), template
 
-    Processes that run out of data first feed all-padding batches (zero loss weight) until every
-    process is done, so all processes run the same number of steps.
+  def task_sums(self, params: PyTree, task: str, *, split: str = EVAL_SPLIT,
+                limit: int | None = None) -> tuple[dict[str, np.ndarray], int]:
+    """``sums_fn`` added up over one pass of ``task``'s ``split`` (at most ``limit`` global
+    batches), as float64 host arrays, and the number of batches.
+
+    Processes that run out of data first feed all-padding batches (zero loss weight, nothing
+    routed) until every process is done, so all processes run the same number of steps.
     """
-    it, template = self._batches(task)
+    it, template = self._local_batches(task, split, limit)
     totals = None
     count = 0
-    while self.max_batches is None or count < self.max_batches:
+    while limit is None or count < limit:
       local = next(it, None)
       if not _any_process(local is not None):
         break
@@ -135,19 +168,20 @@ class Evaluator:
                for k, v in local.items()}
       with self.partitioner.context():
         sums = self._step(params, batch)
-      totals = sums if totals is None else jax.tree_util.tree_map(lambda a, b: a + b, totals, sums)
+      totals = sums if totals is None else jax.tree_util.tree_map(jnp.add, totals, sums)
       count += 1
     if totals is None:
-      raise ValueError(f"Task {task!r} produced no {EVAL_SPLIT} batch of {self.batch_size} "
+      raise ValueError(f"Task {task!r} produced no {split} batch of {self.batch_size} "
                        "sequences; lower the eval batch size.")
-    totals = {k: float(v) for k, v in jax.device_get(totals).items()}
-    tokens = max(totals["weight_sum"], 1.0)
-    loss = totals["nll_sum"] / tokens
-    return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)),
-            "accuracy": totals["correct_sum"] / tokens, "num_tokens": totals["weight_sum"],
-            "num_batches": float(count)}
+    return {k: np.asarray(v, np.float64) for k, v in jax.device_get(totals).items()}, count
 
-  def evaluate(self, params: PyTree) -> dict[str, dict[str, float]]:
+  def evaluate_task(self, params: PyTree, task: str) -> dict[str, float]:
+    """``{"loss", "perplexity", "accuracy", "num_tokens", "num_batches"}`` for one task."""
+    totals, count = self.task_sums(params, task, limit=self.max_batches)
+    return dict(loss_metrics(totals), num_tokens=float(totals["weight_sum"]),
+                num_batches=float(count))
+
+  def evaluate(self, params: PyTree) -> dict[str, dict[str, Any]]:
     """``{task: metrics}`` for every task."""
     return {task: self.evaluate_task(params, task) for task in self.task_names}
 
