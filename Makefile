@@ -4,29 +4,41 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 DATA_DIR ?= ./data
 MODEL_DIR ?= ./runs/demo
+STUDY_DATA_DIR ?= ./data_study
+STUDY_DIR ?= ./runs/study
 STAMP := $(VENV)/.installed
 export NO_GCE_CHECK := true
 export TF_CPP_MIN_LOG_LEVEL := 2
 
-.PHONY: setup test demo data clean
+.PHONY: setup lint test demo data study clean
 
 setup: $(STAMP)
 
-$(STAMP): requirements.lock setup.py
+$(STAMP): requirements.lock requirements-harness.lock setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -r requirements.lock
-	$(PY) -m pip install -q --no-deps -e ".[corpora,test]"
+	$(PY) -m pip install -q --no-deps -r requirements-harness.lock  # complete lock; see its header
+	$(PY) -m pip install -q --no-deps -e ".[corpora,test,harness]"
 	touch $(STAMP)
 
 data: $(STAMP)
 	$(PY) -m lifelong_moe_jax.data.prepare --data_dir $(DATA_DIR)
 
-test: $(STAMP)
+lint: $(STAMP)
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/ruff check .
+
+test: lint
 	$(PY) -m pytest -q --durations=15 tests
 
 demo: data
 	$(PY) -m lifelong_moe_jax.demo --data_dir $(DATA_DIR) --model_dir $(MODEL_DIR)
+
+# The issue-11 study (about 1.5 h on 2 CPU cores; not part of `make test` or CI). Needs the Debian
+# packages fortunes-de fortunes-ru fortunes-zh; stops at once with the install command otherwise.
+study: $(STAMP)
+	$(PY) -m lifelong_moe_jax.study --data_dir $(STUDY_DATA_DIR) --model_dir $(STUDY_DIR)
 
 clean:
 	rm -rf $(VENV) $(MODEL_DIR)

@@ -28,6 +28,7 @@ Memory: the dispatch tensor is ``[groups, group_size, E, capacity]``, i.e. ``tok
 group_size`` with no-drop capacity; lower ``group_size`` (argument ``group_size``) for large
 prefills - results do not change when nothing is dropped.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -60,13 +61,15 @@ def no_drop_config(config: ModelConfig, group_size: int | None = None) -> ModelC
   if group_size is not None:
     changes["group_size"] = int(group_size)
   if config.is_moe:
-    changes["eval_capacity_factor"] = max(config.eval_capacity_factor,
-                                          config.num_experts / config.top_k)
+    changes["eval_capacity_factor"] = max(
+      config.eval_capacity_factor, config.num_experts / config.top_k
+    )
   return dataclasses.replace(config, **changes) if changes else config
 
 
-def decoding_model(model: LanguageModel | ModelConfig, no_drop: bool = True,
-                   group_size: int | None = None) -> LanguageModel:
+def decoding_model(
+  model: LanguageModel | ModelConfig, no_drop: bool = True, group_size: int | None = None
+) -> LanguageModel:
   """The ``LanguageModel`` used to decode/score: same params, no-drop capacity by default."""
   config = model if isinstance(model, ModelConfig) else model.config
   if no_drop:
@@ -124,26 +127,32 @@ def gather_cache_rows(cache: Any, rows: Array) -> Any:
 def _check_length(config: ModelConfig, needed: int, what: str) -> None:
   if needed > config.max_length:
     raise ValueError(
-        f"{what} needs {needed} cache positions (BOS + prompt + new tokens) but ModelConfig.max_length "
-        f"is {config.max_length}: shorten the prompt, lower the decode length, or raise max_length.")
+      f"{what} needs {needed} cache positions (BOS + prompt + new tokens) but ModelConfig.max_length "
+      f"is {config.max_length}: shorten the prompt, lower the decode length, or raise max_length."
+    )
 
 
-def _prefill(model: LanguageModel, params: Any, prompts: Array, lengths: Array,
-             cache: Any) -> tuple[Array, Any]:
+def _prefill(
+  model: LanguageModel, params: Any, prompts: Array, lengths: Array, cache: Any
+) -> tuple[Array, Any]:
   """Writes ``[pad.., BOS, prompt]`` into the cache; returns (next-token logits [b, V], cache)."""
   batch, length = prompts.shape
   inputs = jnp.concatenate([jnp.full((batch, 1), BOS_ID, jnp.int32), prompts], axis=1)  # [b, l+1]
   first = (length - lengths)[:, None]  # column of the BOS
   idx = jnp.arange(length + 1)[None, :]
-  batch_in = {"decoder_input_tokens": inputs, "token_mask": idx >= first,
-              "decoder_positions": jnp.maximum(idx - first, 0).astype(jnp.int32)}
+  batch_in = {
+    "decoder_input_tokens": inputs,
+    "token_mask": idx >= first,
+    "decoder_positions": jnp.maximum(idx - first, 0).astype(jnp.int32),
+  }
   logits, _, cache = model.apply(params, batch_in, decode=True, cache=cache)
   return logits[:, -1], cache
 
 
 # --------------------------------------------------------------------------------------- sampling
-def sample_logits(logits: Array, rng: Array, temperature: float = 0.0, top_k: int = 0,
-                  top_p: float = 1.0) -> Array:
+def sample_logits(
+  logits: Array, rng: Array, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0
+) -> Array:
   """Draws one token per row.
 
   Args:
@@ -174,6 +183,7 @@ def sample_logits(logits: Array, rng: Array, temperature: float = 0.0, top_k: in
 @dataclasses.dataclass(frozen=True)
 class SamplingConfig:
   """How the next token is chosen: greedy when ``temperature == 0``."""
+
   temperature: float = 0.0
   top_k: int = 0
   top_p: float = 1.0
@@ -199,6 +209,7 @@ class DecodeResult:
       prompt + generation with loss weights on the generation.
     token_scores: float32 [batch, max_decode_len] the per-token terms (0 after the stop).
   """
+
   tokens: Array
   lengths: Array
   scores: Array
@@ -206,8 +217,16 @@ class DecodeResult:
 
 
 # --------------------------------------------------------------------------------------- generate
-def _generate_impl(params: Any, prompts: Array, rng: Array, stops: Array, *, model: LanguageModel,
-                   max_decode_len: int, sampling: SamplingConfig) -> DecodeResult:
+def _generate_impl(
+  params: Any,
+  prompts: Array,
+  rng: Array,
+  stops: Array,
+  *,
+  model: LanguageModel,
+  max_decode_len: int,
+  sampling: SamplingConfig,
+) -> DecodeResult:
   prompts, lengths = left_align(prompts)
   batch = prompts.shape[0]
   cache = init_cache(model, batch)
@@ -219,38 +238,64 @@ def _generate_impl(params: Any, prompts: Array, rng: Array, stops: Array, *, mod
 
   def body(state):
     step, cache, logits, out, done, token_scores, rng_ = state
-    token = sample_logits(logits, jax.random.fold_in(rng_, step), sampling.temperature,
-                          sampling.top_k, sampling.top_p)
-    logp = jnp.take_along_axis(jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1),
-                               token[:, None], axis=-1)[:, 0]
+    token = sample_logits(
+      logits, jax.random.fold_in(rng_, step), sampling.temperature, sampling.top_k, sampling.top_p
+    )
+    logp = jnp.take_along_axis(
+      jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1), token[:, None], axis=-1
+    )[:, 0]
     token = jnp.where(done, PAD_ID, token)
     token_scores = token_scores.at[:, step].set(jnp.where(done, 0.0, logp))
     out = out.at[:, step].set(token)
-    step_in = {"decoder_input_tokens": token[:, None], "token_mask": ~done[:, None],
-               "decoder_positions": (lengths + 1 + step)[:, None]}
+    step_in = {
+      "decoder_input_tokens": token[:, None],
+      "token_mask": ~done[:, None],
+      "decoder_positions": (lengths + 1 + step)[:, None],
+    }
     done = done | jnp.any(token[:, None] == stops[None, :], axis=-1)
     logits, _, cache = model.apply(params, step_in, decode=True, cache=cache)
     return step + 1, cache, logits[:, -1], out, done, token_scores, rng_
 
-  state = (jnp.array(0, jnp.int32), cache, logits, jnp.zeros((batch, max_decode_len), jnp.int32),
-           jnp.zeros((batch,), bool), jnp.zeros((batch, max_decode_len), jnp.float32), rng)
+  state = (
+    jnp.array(0, jnp.int32),
+    cache,
+    logits,
+    jnp.zeros((batch, max_decode_len), jnp.int32),
+    jnp.zeros((batch,), bool),
+    jnp.zeros((batch, max_decode_len), jnp.float32),
+    rng,
+  )
   _, _, _, out, _, token_scores, _ = jax.lax.while_loop(cond, body, state)
   real = out != PAD_ID
   lengths_out = jnp.sum(real, axis=1).astype(jnp.int32)
-  return DecodeResult(tokens=out, lengths=lengths_out, scores=jnp.sum(token_scores, axis=1),
-                      token_scores=token_scores)
+  return DecodeResult(
+    tokens=out, lengths=lengths_out, scores=jnp.sum(token_scores, axis=1), token_scores=token_scores
+  )
 
 
 @functools.lru_cache(maxsize=64)
 def _generate_fn(config: ModelConfig, max_decode_len: int, sampling: SamplingConfig):
-  return jax.jit(functools.partial(_generate_impl, model=LanguageModel(config),
-                                   max_decode_len=max_decode_len, sampling=sampling))
+  return jax.jit(
+    functools.partial(
+      _generate_impl, model=LanguageModel(config), max_decode_len=max_decode_len, sampling=sampling
+    )
+  )
 
 
-def generate(model: LanguageModel, params: Any, prompts: Any, *, max_decode_len: int,
-             rng: Array | None = None, temperature: float = 0.0, top_k: int = 0,
-             top_p: float = 1.0, stop_ids: Sequence[int] = (DEFAULT_EOS_ID,),
-             no_drop: bool = True, group_size: int | None = None) -> DecodeResult:
+def generate(
+  model: LanguageModel,
+  params: Any,
+  prompts: Any,
+  *,
+  max_decode_len: int,
+  rng: Array | None = None,
+  temperature: float = 0.0,
+  top_k: int = 0,
+  top_p: float = 1.0,
+  stop_ids: Sequence[int] = (DEFAULT_EOS_ID,),
+  no_drop: bool = True,
+  group_size: int | None = None,
+) -> DecodeResult:
   """Continues every prompt with up to ``max_decode_len`` tokens (jit-compiled, KV cache).
 
   Args:
@@ -281,8 +326,9 @@ def generate(model: LanguageModel, params: Any, prompts: Any, *, max_decode_len:
 
 
 # --------------------------------------------------------------------------------------- scoring
-def _score_impl(params: Any, prefixes: Array, continuations: Array, prefix_index: Array, *,
-                model: LanguageModel) -> Array:
+def _score_impl(
+  params: Any, prefixes: Array, continuations: Array, prefix_index: Array, *, model: LanguageModel
+) -> Array:
   prefixes, lengths = left_align(prefixes)
   cache = init_cache(model, prefixes.shape[0])
   last_logits, cache = _prefill(model, params, prefixes, lengths, cache)
@@ -291,8 +337,11 @@ def _score_impl(params: Any, prefixes: Array, continuations: Array, prefix_index
   lengths = jnp.take(lengths, prefix_index, axis=0)
   mask = continuations != PAD_ID
   steps = jnp.arange(continuations.shape[1])[None, :]
-  batch_in = {"decoder_input_tokens": continuations, "token_mask": mask,
-              "decoder_positions": (lengths[:, None] + 1 + steps).astype(jnp.int32)}
+  batch_in = {
+    "decoder_input_tokens": continuations,
+    "token_mask": mask,
+    "decoder_positions": (lengths[:, None] + 1 + steps).astype(jnp.int32),
+  }
   logits, _, _ = model.apply(params, batch_in, decode=True, cache=cache)
   # Token j is predicted from the prefix end (j = 0) or from continuation token j - 1.
   logits = jnp.concatenate([last_logits[:, None], logits[:, :-1]], axis=1)  # [B_c, C, V]
@@ -306,9 +355,16 @@ def _score_fn(config: ModelConfig):
   return jax.jit(functools.partial(_score_impl, model=LanguageModel(config)))
 
 
-def score_continuations(model: LanguageModel, params: Any, prefixes: Any, continuations: Any,
-                        prefix_index: Any | None = None, *, no_drop: bool = True,
-                        group_size: int | None = None) -> Array:
+def score_continuations(
+  model: LanguageModel,
+  params: Any,
+  prefixes: Any,
+  continuations: Any,
+  prefix_index: Any | None = None,
+  *,
+  no_drop: bool = True,
+  group_size: int | None = None,
+) -> Array:
   """Teacher-forced log-likelihood of continuations, computing each shared prefix once.
 
   Each prefix is written into the KV cache once (prefill); the cache rows are then gathered for
@@ -329,12 +385,15 @@ def score_continuations(model: LanguageModel, params: Any, prefixes: Any, contin
   prefixes = jnp.asarray(prefixes, jnp.int32)
   continuations = jnp.asarray(continuations, jnp.int32)
   if prefixes.ndim != 2 or continuations.ndim != 2:
-    raise ValueError(f"prefixes and continuations must be 2-D, got {prefixes.shape} and "
-                     f"{continuations.shape}.")
+    raise ValueError(
+      f"prefixes and continuations must be 2-D, got {prefixes.shape} and {continuations.shape}."
+    )
   if prefix_index is None:
     if prefixes.shape[0] != continuations.shape[0]:
-      raise ValueError("Without prefix_index, prefixes and continuations need the same number of "
-                       f"rows, got {prefixes.shape[0]} and {continuations.shape[0]}.")
+      raise ValueError(
+        "Without prefix_index, prefixes and continuations need the same number of "
+        f"rows, got {prefixes.shape[0]} and {continuations.shape[0]}."
+      )
     prefix_index = jnp.arange(prefixes.shape[0])
   prefix_index = jnp.asarray(prefix_index, jnp.int32)
   dec = decoding_model(model, no_drop, group_size)

@@ -10,6 +10,7 @@ r"""The CPU demo behind ``make demo``: Lifelong-MoE vs fine-tuning on wiki_en ->
 
 Extra ``--gin_file`` / ``--gin.NAME=VALUE`` flags are applied after the demo schedule.
 """
+
 from __future__ import annotations
 
 import time
@@ -18,9 +19,12 @@ from typing import Sequence
 from absl import flags
 
 from lifelong_moe_jax import gin_utils
+from lifelong_moe_jax import run_lifelong
+from lifelong_moe_jax.data import prepare
+from lifelong_moe_jax.lifelong import analysis_report
+from lifelong_moe_jax.lifelong import report as report_lib
 
 flags.DEFINE_string("model_dir", "./runs/demo", "Where the demo run (checkpoints, report) goes.")
-flags.DEFINE_list("methods", None, "Methods (default: the schedule's lifelong_moe, finetune).")
 
 DEMO_GIN = "lifelong/demo_cpu.gin"
 
@@ -31,16 +35,14 @@ def main(argv: Sequence[str]) -> None:
   start = time.perf_counter()
   f = flags.FLAGS
   gin_utils.apply_runtime_flags()
-  # pylint: disable=import-outside-toplevel,unused-import
-  import tasks  # noqa: F401  (registers the seqio tasks)
-  from lifelong_moe_jax.data import prepare
-  from lifelong_moe_jax.lifelong import report as report_lib
-  from lifelong_moe_jax.lifelong import runner as runner_lib
-  # pylint: enable=import-outside-toplevel,unused-import
   prepare.prepare(data_dir=f.data_dir)
-  gin_utils.parse_gin([DEMO_GIN] + list(f.gin_file),
-                      [f"MODEL_DIR = {f.model_dir!r}"] + list(f.gin_bindings), f.gin_search_paths)
-  runner = runner_lib.LifelongRunner(methods=f.methods or None, data_dir=f.data_dir)
+  gin_utils.import_task_modules()
+  gin_utils.parse_gin(
+    [DEMO_GIN] + list(f.gin_file),
+    [f"MODEL_DIR = {f.model_dir!r}"] + list(f.gin_bindings),
+    f.gin_search_paths,
+  )
+  runner = run_lifelong.build_runner(f.methods, f.data_dir)
   report = runner.run()
   minutes = (time.perf_counter() - start) / 60
   print("\n## Headline (validation perplexity; lower is better)\n")
@@ -51,8 +53,20 @@ def main(argv: Sequence[str]) -> None:
   if fewshot:
     print("\n## Few-shot scores after each phase (percent, higher is better; chance beside)\n")
     print("\n".join(fewshot))
-  print(f"\nDemo finished in {minutes:.1f} min. Full report: {runner.model_dir}/report.md "
-        "(forgetting.png, fewshot.png, expert_usage_<method>.png beside it).")
+  for title, table in (
+    ("Right after expansion (step 0 of each phase)", analysis_report.step0_table(report)),
+    (
+      "Routing by owning phase (% of top-1 / top-k assignments)",
+      analysis_report.routing_table(report),
+    ),
+  ):
+    if table:
+      print(f"\n## {title}\n")
+      print("\n".join(table))
+  print(
+    f"\nDemo finished in {minutes:.1f} min. Full report: {runner.model_dir}/report.md "
+    "(forgetting.png, fewshot.png, routing.png, expert_usage_<method>.png beside it)."
+  )
 
 
 if __name__ == "__main__":

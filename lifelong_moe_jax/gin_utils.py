@@ -6,51 +6,164 @@
   ``--gin.MODEL_DIR=\\"/tmp/run\\"`` (values are gin literals, so strings need quotes);
 * ``--gin_bindings='NAME = VALUE'`` (repeatable) is the long form of the same thing;
 * ``--data_dir`` / ``--tfds_data_dir``: where prepared corpora / TFDS datasets live;
+* ``--tasks_module=MODULE`` (repeatable or comma-separated, default ``tasks``): the modules that
+  register seqio tasks, mixtures and few-shot tasks (t5x's ``MIXTURE_OR_TASK_MODULE``); every CLI
+  imports them with ``import_task_modules()`` before parsing gin, so their configurables (e.g.
+  ``register_folder_distributions``) can be bound. The library never imports them itself;
 * ``--coordinator_address``, ``--process_count``, ``--process_index``: multi-process runs
-  (``jax.distributed.initialize``; only when a coordinator address is given).
+  (``jax.distributed.initialize``; without them it is still called when the environment is a
+  SLURM job, a multi-host TPU slice or Open MPI; see ``distributed.py``).
 
 Run files mark the macros a user must set with ``NAME = %gin.REQUIRED``;
 ``check_required_macros()`` lists every one still unset in a single error.
 
 Configuration errors (unknown configurable or parameter, bad literal, missing file) become one
 ``GinConfigError`` naming the binding and the fix, raised before any work starts.
+
+Errors (``run``): every CLI runs its ``main`` through ``run``, the one place where the project's own
+errors become a single ``error: <message>`` line on stderr, without a traceback:
+
+* exit code 2, usage and configuration errors: bad flags, gin errors (``GinConfigError``), missing
+  task modules (``TaskModuleError``) and every ``ValueError`` / ``FileNotFoundError`` /
+  ``ImportError`` raised by this package or a task module (settings refused by validation before
+  work starts: mesh, top_k, batch, unknown task, unprepared data, vocabulary mismatch, missing
+  checkpoint, refused resume, schedule and method errors, surgery refusals, ...);
+* exit code 1, runtime failures raised by this package or a task module (NaN loss, damaged
+  checkpoints, I/O errors);
+* anything else (a bug, or an error inside a library that the project did not anticipate) keeps
+  Python's traceback.
+
+``--verbose`` (or ``LIFELONG_MOE_VERBOSE=1``) prints the traceback before the ``error:`` line.
 """
+
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import logging
 import os
 import pathlib
 import re
-from typing import Sequence
+import sys
+import tokenize
+import traceback
+from typing import Any, Callable, Sequence
 
 from absl import flags
 import gin
 
 REPO_GIN_DIR = pathlib.Path(__file__).resolve().parent.parent / "gin"
+PACKAGE_DIR = pathlib.Path(__file__).resolve().parent
+DEFAULT_TASK_MODULES = ("tasks",)
+VERBOSE_ENV = "LIFELONG_MOE_VERBOSE"
+USAGE_EXIT_CODE = 2
+RUNTIME_EXIT_CODE = 1
 
 flags.DEFINE_multi_string("gin_file", [], "Gin config files; later files override earlier ones.")
 flags.DEFINE_multi_string("gin_bindings", [], "Individual gin bindings ('NAME = VALUE').")
 flags.DEFINE_list("gin_search_paths", [], "Folders searched for --gin_file and gin include paths.")
-flags.DEFINE_string("data_dir", None, "Data dir with the prepared corpora and vocabulary "
-                    "(default: $LIFELONG_MOE_DATA_DIR, else ./data).")
-flags.DEFINE_string("tfds_data_dir", None, "TFDS data dir for tasks that read TFDS datasets "
-                    "(seqio's tfds_data_dir override).")
+flags.DEFINE_string(
+  "data_dir",
+  None,
+  "Data dir with the prepared corpora and vocabulary "
+  "(default: $LIFELONG_MOE_DATA_DIR, else ./data).",
+)
+flags.DEFINE_string(
+  "tfds_data_dir",
+  None,
+  "TFDS data dir for tasks that read TFDS datasets (seqio's tfds_data_dir override).",
+)
+flags.DEFINE_multi_string(
+  "tasks_module",
+  list(DEFAULT_TASK_MODULES),
+  "Python modules that register the seqio tasks and mixtures (and few-shot tasks); repeatable or "
+  "comma-separated. Default: this repository's tasks/ package.",
+)
 flags.DEFINE_string("coordinator_address", None, "host:port of process 0 for multi-process runs.")
 flags.DEFINE_integer("process_count", None, "Number of processes of a multi-process run.")
 flags.DEFINE_integer("process_index", None, "This process's index in a multi-process run.")
+flags.DEFINE_boolean(
+  "verbose",
+  False,
+  f"On an error, print the full traceback before the one-line message (also ${VERBOSE_ENV}=1).",
+)
 
 
 def _quiet_gin_resource_probe(record: logging.LogRecord) -> bool:
   """gin probes every search path as a Python package and logs each miss as an error; hide them."""
-  return not str(record.msg).startswith(("Path not found:", "system_path_file_exists:",
-                                         "gin-config opened resource"))
+  return not str(record.msg).startswith(
+    ("Path not found:", "system_path_file_exists:", "gin-config opened resource")
+  )
 
 
 logging.getLogger().addFilter(_quiet_gin_resource_probe)
 
 
-class GinConfigError(ValueError):
+class UsageError(ValueError):
+  """A command line, configuration or setting that cannot work (exit code 2).
+
+  The base of the CLIs' own usage errors; the message names the problem and the fix.
+  """
+
+
+class GinConfigError(UsageError):
   """A gin file or binding is invalid."""
+
+
+class TaskModuleError(ImportError):
+  """A module named by ``--tasks_module`` cannot be found."""
+
+
+def _task_module_names(modules: Sequence[str] | None) -> list[str]:
+  if modules is None:
+    modules = flags.FLAGS.tasks_module if flags.FLAGS.is_parsed() else list(DEFAULT_TASK_MODULES)
+  names = [name.strip() for entry in modules for name in entry.split(",")]
+  return list(dict.fromkeys(name for name in names if name))
+
+
+_PROJECT_SOURCES = [str(PACKAGE_DIR)]  # errors raised from code under these paths are the project's
+
+
+def _add_project_source(module_name: str) -> None:
+  """Counts the source of task module ``module_name`` as the project's own (see ``run``)."""
+  spec = importlib.util.find_spec(module_name)
+  if spec is None or not spec.origin or not os.path.isfile(spec.origin):
+    return
+  path = os.path.dirname(spec.origin) if spec.submodule_search_locations else spec.origin
+  if path not in _PROJECT_SOURCES:
+    _PROJECT_SOURCES.append(path)
+
+
+def import_task_modules(modules: Sequence[str] | None = None) -> list[str]:
+  """Imports the task modules (default: ``--tasks_module``, else ``tasks``); returns their names.
+
+  CLIs call this in ``main`` before parsing gin, like t5x imports ``MIXTURE_OR_TASK_MODULE``:
+  importing a task module registers its seqio tasks, mixtures and few-shot tasks and defines its
+  gin configurables. Errors raised inside a module that was found propagate unchanged.
+
+  Args:
+    modules: module names (each entry may hold several, comma-separated); None reads the
+      ``--tasks_module`` flag (its default, ``tasks``, when flags are not parsed).
+
+  Raises:
+    TaskModuleError: a module (or a package above it) cannot be found; one line naming the module
+      and the fix.
+  """
+  names = _task_module_names(modules)
+  for name in names:
+    try:
+      _add_project_source(name)
+      importlib.import_module(name)
+    except ModuleNotFoundError as e:
+      parts = name.split(".")
+      if e.name not in {".".join(parts[:i]) for i in range(1, len(parts) + 1)}:
+        raise  # the module exists but one of its own imports is missing
+      raise TaskModuleError(
+        f"Cannot import task module {name!r} (--tasks_module): module {e.name!r} not found; run "
+        "from the repository root (where the default 'tasks' package lives), add the module's "
+        "folder to PYTHONPATH, or pass --tasks_module=<your.module>."
+      ) from e
+  return names
 
 
 def rewrite_gin_args(argv: Sequence[str]) -> list[str]:
@@ -95,7 +208,8 @@ def _guard_package_resource_reader() -> None:
         return _exists(path)
       except TypeError:
         return False
-    guarded._lifelong_guarded = True   # pylint: disable=protected-access
+
+    guarded._lifelong_guarded = True  # pylint: disable=protected-access
     readers[i] = (reader, guarded)
 
 
@@ -112,12 +226,19 @@ def resolve_gin_file(path: str, gin_search_paths: Sequence[str] = ()) -> str:
     if os.path.isfile(candidate):
       return os.path.abspath(candidate)
   raise GinConfigError(
-      f"Gin file {path!r} not found (searched {search_paths(gin_search_paths)}); pass a path that "
-      "exists or add its folder with --gin_search_paths.")
+    f"Gin file {path!r} not found (searched {search_paths(gin_search_paths)}); pass a path that "
+    "exists or add its folder with --gin_search_paths."
+  )
 
 
-def parse_gin(gin_files: Sequence[str], bindings: Sequence[str], gin_search_paths: Sequence[str] = (),
-              *, finalize: bool = True, skip_unknown: bool = False) -> None:
+def parse_gin(
+  gin_files: Sequence[str],
+  bindings: Sequence[str],
+  gin_search_paths: Sequence[str] = (),
+  *,
+  finalize: bool = True,
+  skip_unknown: bool = False,
+) -> None:
   """Parses gin files then bindings (bindings win), then (``finalize``) checks that no macro is
   left at ``%gin.REQUIRED`` and locks the config.
 
@@ -130,18 +251,41 @@ def parse_gin(gin_files: Sequence[str], bindings: Sequence[str], gin_search_path
     gin.add_config_file_search_path(path)
   files = [resolve_gin_file(f, gin_search_paths) for f in gin_files]
   try:
-    gin.parse_config_files_and_bindings(files, list(bindings), finalize_config=False,
-                                        skip_unknown=skip_unknown)
+    gin.parse_config_files_and_bindings(
+      files, list(bindings), finalize_config=False, skip_unknown=skip_unknown
+    )
     if finalize:
       check_required_macros()
       gin.finalize()
   except GinConfigError:
     raise
-  except (ValueError, KeyError, SyntaxError, IOError) as e:
-    raise GinConfigError(
-        f"Invalid gin configuration: {e}\nCheck the spelling of the configurable and parameter "
-        "(see the gin/ folder for the available names) and quote string values "
-        "(--gin.MODEL_DIR=\\\"/path\\\").") from e
+  except (ValueError, KeyError, SyntaxError, IOError, tokenize.TokenError) as e:
+    raise GinConfigError(_gin_error_message(e)) from e
+
+
+_UNBOUND_MACRO = re.compile(r"No bindings specified for '([^'/]+)/gin\.macro'")
+
+
+def _gin_error_message(e: BaseException) -> str:
+  """One line for a gin parse error: gin's message, where it is (file/bindings line) and the fix."""
+  text = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
+  unbound = _UNBOUND_MACRO.search(text)
+  if unbound:
+    name = unbound.group(1)
+    return (
+      f"Gin macro %{name} is used but never bound; set it with --gin.{name}=VALUE or bind "
+      f"'{name} = VALUE' in a gin file (check its spelling)."
+    )
+  lines = [line.strip() for line in text.splitlines() if line.strip()]
+  if isinstance(e, tokenize.TokenError):  # no location: an unclosed bracket or quote somewhere
+    lines = [f"a value is not closed ({e.args[0] if e.args else e}); check brackets and quotes"]
+  message, where = (lines[0] if lines else type(e).__name__), ": ".join(lines[1:3])
+  where = where[:1].lower() + where[1:]
+  return (
+    f"Invalid gin configuration: {message.rstrip('.')}{f' ({where})' if where else ''}. "
+    "Check the spelling of the configurable and parameter (see the gin/ folder for the "
+    "available names) and quote string values (--gin.MODEL_DIR=\\\"/path\\\")."
+  )
 
 
 def parse_from_flags() -> None:
@@ -163,27 +307,36 @@ def check_required_macros() -> None:
   if missing:
     examples = " ".join(f"--gin.{name}=..." for name in missing)
     raise GinConfigError(
-        f"Missing required gin macro(s): {', '.join(missing)}. Set each one, e.g. {examples} "
-        "(strings quoted: --gin.MODEL_DIR=\\\"/path\\\"), or bind them in a gin file.")
+      f"Missing required gin macro(s): {', '.join(missing)}. Set each one, e.g. {examples} "
+      "(strings quoted: --gin.MODEL_DIR=\\\"/path\\\"), or bind them in a gin file."
+    )
 
 
-def initialize_distributed(coordinator_address: str | None = None, process_count: int | None = None,
-                           process_index: int | None = None) -> bool:
-  """``jax.distributed.initialize`` when a coordinator address is given; returns whether it ran.
+def initialize_distributed(
+  coordinator_address: str | None = None,
+  process_count: int | None = None,
+  process_index: int | None = None,
+) -> bool:
+  """Starts the multi-process runtime (``distributed.initialize``); returns whether it ran.
+
+  With ``--coordinator_address`` (and ``--process_count``/``--process_index``) it uses the flags;
+  without them it still starts when the environment is a multi-process one that
+  ``jax.distributed.initialize()`` detects (SLURM, multi-host TPU, Open MPI,
+  ``$LIFELONG_MOE_DISTRIBUTED=1``). The processes' settings are compared before any work.
 
   Raises:
     GinConfigError: a coordinator address without process count/index (or the reverse).
+    distributed.ProcessMismatchError: the processes disagree (exit code 2).
+    distributed.CoordinatorUnreachableError: no coordinator within the timeout (exit code 1).
   """
-  if not coordinator_address:
-    if process_count not in (None, 1) or process_index not in (None, 0):
-      raise GinConfigError("--process_count/--process_index need --coordinator_address.")
-    return False
-  if process_count is None or process_index is None:
-    raise GinConfigError("--coordinator_address needs --process_count and --process_index.")
-  import jax  # pylint: disable=import-outside-toplevel
-  jax.distributed.initialize(coordinator_address=coordinator_address,
-                             num_processes=process_count, process_id=process_index)
-  return True
+  from lifelong_moe_jax import distributed  # pylint: disable=import-outside-toplevel
+
+  try:
+    return distributed.initialize(coordinator_address, process_count, process_index) is not None
+  except distributed.ProcessMismatchError:
+    raise
+  except ValueError as e:
+    raise GinConfigError(str(e)) from e
 
 
 def apply_runtime_flags() -> None:
@@ -191,9 +344,11 @@ def apply_runtime_flags() -> None:
   f = flags.FLAGS
   if f.data_dir:
     from lifelong_moe_jax.data import data_dir as data_dir_lib  # pylint: disable=import-outside-toplevel
+
     data_dir_lib.set_data_dir(f.data_dir)
   if f.tfds_data_dir:
     import seqio  # pylint: disable=import-outside-toplevel
+
     seqio.set_tfds_data_dir_override(f.tfds_data_dir)
   initialize_distributed(f.coordinator_address, f.process_count, f.process_index)
 
@@ -215,6 +370,7 @@ class _QuietLibraries:
 
   def filter(self, record) -> bool:
     import logging as py_logging  # pylint: disable=import-outside-toplevel
+
     if record.levelno > py_logging.INFO:
       return True
     return not any(lib in (record.pathname or "") for lib in _QUIET_LIBRARIES)
@@ -224,32 +380,125 @@ def quiet_library_logs() -> None:
   """Keeps INFO logs to this package's own lines (progress, eval, checkpoints); library warnings
   and errors still show. Idempotent."""
   from absl import logging as absl_logging  # pylint: disable=import-outside-toplevel
+
   handler = absl_logging.get_absl_handler()
   if not any(isinstance(f, _QuietLibraries) for f in handler.filters):
     handler.addFilter(_QuietLibraries())
 
 
-def run(main, argv: Sequence[str] | None = None) -> None:
-  """``absl.app.run`` with ``--gin.NAME=VALUE`` support and offline-safe environment.
+_GIN_CALL_CONTEXT = re.compile(r"^\s*In call to configurable ")
 
-  A ``GinConfigError`` raised by ``main`` ends the program with its message (exit code 1), no
-  traceback.
+
+def one_line(message: Any) -> str:
+  """``message`` on one line: gin's "In call to configurable" context dropped, lines joined."""
+  lines = [
+    line.strip()
+    for line in str(message).splitlines()
+    if line.strip() and not _GIN_CALL_CONTEXT.match(line)
+  ]
+  out = ""
+  for line in lines:
+    if out:
+      out += " " if out[-1] in ".:;,!?" else "; "
+    out += line
+  return " ".join(out.split())
+
+
+def _in_project(filename: str | None) -> bool:
+  filename = os.path.abspath(filename or "")
+  return any(filename == src or filename.startswith(src + os.sep) for src in _PROJECT_SOURCES)
+
+
+def _raised_by_project(e: BaseException) -> bool:
+  """Whether ``e`` is the project's own: its class is defined in this package or a task module,
+  or this package or a task module raised it (the innermost frame of its traceback is there)."""
+  module = sys.modules.get(type(e).__module__)
+  if type(e).__module__.split(".")[0] == __name__.split(".")[0] or (
+    module is not None and _in_project(getattr(module, "__file__", None))
+  ):
+    return True
+  tb = e.__traceback__
+  if tb is None:
+    return False
+  while tb.tb_next is not None:
+    tb = tb.tb_next
+  return _in_project(tb.tb_frame.f_code.co_filename)
+
+
+USAGE_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, ImportError)
+RUNTIME_ERRORS = (RuntimeError, OSError, ArithmeticError)
+
+
+def exit_code_for(e: BaseException) -> int | None:
+  """The exit code of an error that ``run`` reports in one line, or None (a traceback).
+
+  2 (usage/config): ``UsageError`` (``GinConfigError``), ``TaskModuleError`` and the
+  ``USAGE_ERRORS`` types when this package or a task module raised them (validation: bad settings,
+  unknown task, unprepared data, vocabulary mismatch, missing checkpoint, refused resume, ...).
+  1 (runtime): the ``RUNTIME_ERRORS`` types raised by this package or a task module (NaN loss,
+  damaged checkpoint, I/O). None: anything else, e.g. a bug or a library error the project did not
+  anticipate, which keeps its traceback.
   """
-  import sys
-  from absl import app
+  if isinstance(e, (UsageError, TaskModuleError)):
+    return USAGE_EXIT_CODE
+  if not _raised_by_project(e):
+    return None
+  if isinstance(e, USAGE_ERRORS):
+    return USAGE_EXIT_CODE
+  if isinstance(e, RUNTIME_ERRORS):
+    return RUNTIME_EXIT_CODE
+  return None
+
+
+def verbose() -> bool:
+  """``--verbose`` or ``$LIFELONG_MOE_VERBOSE`` (any value but "", "0", "false", "no")."""
+  env = os.environ.get(VERBOSE_ENV, "").strip().lower() not in ("", "0", "false", "no")
+  return env or (flags.FLAGS.is_parsed() and flags.FLAGS.verbose)
+
+
+def exit_with_error(e: BaseException, code: int) -> None:
+  """Prints ``error: <message>`` (after the traceback when verbose) and exits with ``code``."""
+  sys.stdout.flush()
+  if verbose():
+    traceback.print_exception(type(e), e, e.__traceback__, file=sys.stderr)
+  sys.stderr.write(f"error: {one_line(e)}\n")
+  sys.stderr.flush()
+  sys.exit(code)
+
+
+def _parse_flags(argv: Sequence[str]) -> list[str]:
+  """absl's flag parsing with a one-line ``error:`` and exit code 2 on a bad flag."""
+  try:
+    return flags.FLAGS(list(argv))
+  except flags.Error as e:
+    exit_with_error(UsageError(f"{e} (see --helpfull for the flags)."), USAGE_EXIT_CODE)
+    raise  # not reached
+
+
+def run(main: Callable[[list[str]], Any], argv: Sequence[str] | None = None) -> None:
+  """``absl.app.run`` with ``--gin.NAME=VALUE`` support, an offline-safe environment and the one
+  place where every CLI turns the project's own errors into one ``error:`` line (module docstring:
+  exit code 2 for usage/config errors, 1 for runtime failures; ``--verbose`` or
+  ``$LIFELONG_MOE_VERBOSE=1`` adds the traceback). Other exceptions keep their traceback.
+  """
+  from absl import app  # pylint: disable=import-outside-toplevel
+
   os.environ.setdefault("NO_GCE_CHECK", "true")
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
   argv = list(sys.argv if argv is None else argv)
   try:
     argv = rewrite_gin_args(argv)
   except GinConfigError as e:
-    sys.exit(f"error: {e}")
+    exit_with_error(e, USAGE_EXIT_CODE)
 
   def checked_main(args):
     quiet_library_logs()
     try:
       return main(args)
-    except GinConfigError as e:
-      sys.exit(f"error: {e}")
+    except Exception as e:  # pylint: disable=broad-except
+      code = exit_code_for(e)
+      if code is None:
+        raise
+      exit_with_error(e, code)
 
-  app.run(checked_main, argv=argv)
+  app.run(checked_main, argv=argv, flags_parser=_parse_flags)

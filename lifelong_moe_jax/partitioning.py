@@ -14,6 +14,7 @@ embed, vocab, kv,     replicated
 length, layers, ...
 ====================  =====================  ==================================================
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -26,32 +27,76 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from lifelong_moe_jax import param_tree
+
 MESH_AXES = ("data", "expert", "model")
 LogicalRules = Sequence[tuple[str, Any]]
 
 DEFAULT_RULES: LogicalRules = (
-    ("batch", ("data", "expert")),
-    ("expert", "expert"),
-    ("expert_group", "data"),
-    ("mlp", "model"),
-    ("heads", "model"),
-    ("vocab", None),
-    ("embed", None),
-    ("kv", None),
-    ("length", None),
-    ("layers", None),
-    ("expert_capacity", None),
-    ("unmodeled", None),
+  ("batch", ("data", "expert")),
+  ("expert", "expert"),
+  ("expert_group", "data"),
+  ("mlp", "model"),
+  ("heads", "model"),
+  ("vocab", None),
+  ("embed", None),
+  ("kv", None),
+  ("length", None),
+  ("layers", None),
+  ("expert_capacity", None),
+  ("unmodeled", None),
 )
 
 
 @gin.configurable
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:
-  """Mesh axis sizes. ``data=-1`` takes all devices left after ``expert * model``."""
+  """Mesh axis sizes. ``data=-1`` takes all devices left after ``expert * model``.
+
+  ``data``, ``expert`` and ``model`` are the total axis sizes. For multi-slice TPU or multi-node
+  GPU runs, ``dcn_data`` / ``dcn_expert`` / ``dcn_model`` say how many slices (or nodes: the
+  "granules" joined by the slow data-centre network) each axis spans; the rest of the axis stays
+  inside a granule on the fast interconnect (ICI / NVLink). Their product must equal the number of
+  granules (distinct ``slice_index`` of the devices, else processes), and each total must be a
+  multiple of its DCN size. Keep ``dcn_expert = dcn_model = 1`` so the all-to-all of the expert
+  axis and the model-parallel collectives never cross DCN, and span slices with ``dcn_data``.
+  The mesh is then built by ``jax.experimental.mesh_utils.create_hybrid_device_mesh``.
+  """
+
   data: int = -1
   expert: int = 1
   model: int = 1
+  dcn_data: int = 1
+  dcn_expert: int = 1
+  dcn_model: int = 1
+
+  @property
+  def dcn_shape(self) -> tuple[int, int, int]:
+    return self.dcn_data, self.dcn_expert, self.dcn_model
+
+  @property
+  def is_hybrid(self) -> bool:
+    return any(d != 1 for d in self.dcn_shape)
+
+  def ici_shape(self, num_devices: int) -> tuple[int, int, int]:
+    """Per-granule (ICI) axis sizes: total sizes divided by the DCN sizes.
+
+    Raises:
+      ValueError: a DCN size below 1 or not dividing its axis (naming the axis and the numbers).
+    """
+    totals = self.resolve(num_devices)
+    ici = []
+    for name, total, dcn in zip(MESH_AXES, totals, self.dcn_shape):
+      if dcn < 1:
+        raise ValueError(f"MeshConfig.dcn_{name} must be >= 1, got {dcn}.")
+      if total % dcn:
+        raise ValueError(
+          f"Mesh axis '{name}' has {total} devices, which cannot span MeshConfig.dcn_{name}="
+          f"{dcn} slices/nodes: {total} is not a multiple of {dcn}. Choose dcn_{name} dividing "
+          f"{total} (or MeshConfig.{name} a multiple of {dcn})."
+        )
+      ici.append(total // dcn)
+    return tuple(ici)
 
   def resolve(self, num_devices: int) -> tuple[int, int, int]:
     """(data, expert, model) sizes; raises ValueError if they do not multiply to the devices."""
@@ -62,22 +107,83 @@ class MeshConfig:
     if data == -1:
       if num_devices % (self.expert * self.model):
         raise ValueError(
-            f"{num_devices} devices cannot be split into expert={self.expert} x model={self.model}: "
-            f"choose MeshConfig.expert and MeshConfig.model whose product divides {num_devices}.")
+          f"{num_devices} devices cannot be split into expert={self.expert} x model={self.model}: "
+          f"choose MeshConfig.expert and MeshConfig.model whose product divides {num_devices}."
+        )
       data = num_devices // (self.expert * self.model)
     if data * self.expert * self.model != num_devices:
       raise ValueError(
-          f"Mesh data={data} x expert={self.expert} x model={self.model} = "
-          f"{data * self.expert * self.model} devices, but {num_devices} are available. Set "
-          f"MeshConfig.data/expert/model so their product is {num_devices} (data=-1 infers it).")
+        f"Mesh data={data} x expert={self.expert} x model={self.model} = "
+        f"{data * self.expert * self.model} devices, but {num_devices} are available. Set "
+        f"MeshConfig.data/expert/model so their product is {num_devices} (data=-1 infers it)."
+      )
     return data, self.expert, self.model
 
 
-def create_mesh(mesh_config: MeshConfig | None = None,
-                devices: Sequence[jax.Device] | None = None) -> Mesh:
-  """A ``('data', 'expert', 'model')`` mesh over ``devices`` (default: all devices)."""
+def _granule_key(device: Any) -> tuple[str, int]:
+  """The DCN granule of a device: its slice (multi-slice TPU) or else its process (node)."""
+  slice_index = getattr(device, "slice_index", None)
+  if slice_index is not None:
+    return "slice", int(slice_index)
+  return "process", int(device.process_index)
+
+
+def hybrid_device_array(mesh_config: MeshConfig, devices: Sequence[Any]) -> np.ndarray:
+  """The ``[data, expert, model]`` device array of a hybrid (ICI x DCN) mesh.
+
+  Granules are the devices' slices (``slice_index``) or, where devices have none (GPUs, CPUs),
+  their processes. Within a granule the axes have the ICI sizes (``MeshConfig.ici_shape``); the
+  granules are laid out along the DCN sizes, so axis ``a`` of the result holds
+  ``dcn_a`` blocks of ``ici_a`` devices, each block inside one granule.
+
+  Raises:
+    ValueError: DCN sizes that do not divide the axes, or whose product is not the number of
+      granules, or granules of unequal size (each message names the axes and the numbers).
+  """
+  devices = list(devices)
+  ici = mesh_config.ici_shape(len(devices))
+  dcn = mesh_config.dcn_shape
+  kinds = {_granule_key(d)[0] for d in devices}
+  kind = "slice" if kinds == {"slice"} else "process"
+  granules: dict[int, list[Any]] = {}
+  for d in devices:
+    key = _granule_key(d)[1] if kind == "slice" else int(d.process_index)
+    granules.setdefault(key, []).append(d)
+  if int(np.prod(dcn)) != len(granules):
+    raise ValueError(
+      f"MeshConfig dcn_data={dcn[0]} x dcn_expert={dcn[1]} x dcn_model={dcn[2]} = "
+      f"{int(np.prod(dcn))} granules, but the {len(devices)} devices form {len(granules)} "
+      f"{kind}s. Set the dcn_* sizes so their product is {len(granules)}."
+    )
+  sizes = sorted({len(g) for g in granules.values()})
+  if sizes != [int(np.prod(ici))]:
+    raise ValueError(
+      f"Each {kind} must hold data={ici[0]} x expert={ici[1]} x model={ici[2]} = "
+      f"{int(np.prod(ici))} devices (the ICI mesh), but they hold {sizes}."
+    )
+  try:
+    return jax.experimental.mesh_utils.create_hybrid_device_mesh(
+      ici, dcn, devices, process_is_granule=kind == "process"
+    )
+  except Exception:  # pylint: disable=broad-except - fake CPU devices have no topology.
+    blocks = [np.asarray(granules[k]).reshape(ici) for k in sorted(granules)]
+    grid = np.empty(dcn, dtype=object)
+    for i, index in enumerate(np.ndindex(*dcn)):
+      grid[index] = blocks[i]
+    return np.block(grid.tolist())
+
+
+def create_mesh(
+  mesh_config: MeshConfig | None = None, devices: Sequence[jax.Device] | None = None
+) -> Mesh:
+  """A ``('data', 'expert', 'model')`` mesh over ``devices`` (default: all devices).
+
+  With DCN sizes (``MeshConfig.dcn_*``) the mesh is hybrid (``hybrid_device_array``).
+  """
   mesh_config = mesh_config or MeshConfig()
   devices = list(jax.devices() if devices is None else devices)
+  if mesh_config.is_hybrid:
+    return Mesh(hybrid_device_array(mesh_config, devices), MESH_AXES)
   shape = mesh_config.resolve(len(devices))
   try:
     device_array = jax.experimental.mesh_utils.create_device_mesh(shape, devices)
@@ -91,24 +197,34 @@ def validate_model_for_mesh(config: Any, mesh: Mesh) -> None:
   expert, model = mesh.shape["expert"], mesh.shape["model"]
   if config.is_moe and config.num_experts % expert:
     raise ValueError(
-        f"num_experts={config.num_experts} is not divisible by the expert mesh axis ({expert}): "
-        f"use a multiple of {expert} experts or set MeshConfig.expert to a divisor of "
-        f"{config.num_experts}.")
+      f"num_experts={config.num_experts} is not divisible by the expert mesh axis ({expert}): "
+      f"use a multiple of {expert} experts or set MeshConfig.expert to a divisor of "
+      f"{config.num_experts}."
+    )
   if not config.is_moe and expert > 1:
-    raise ValueError(f"A dense model (num_experts=0) cannot use an expert mesh axis of {expert}; "
-                     "set MeshConfig.expert = 1.")
-  for name, size in (("num_heads", config.num_heads), ("mlp_dim", config.mlp_dim),
-                     ("expert_mlp_dim", config.expert_hidden_dim)):
+    raise ValueError(
+      f"A dense model (num_experts=0) cannot use an expert mesh axis of {expert}; "
+      "set MeshConfig.expert = 1."
+    )
+  for name, size in (
+    ("num_heads", config.num_heads),
+    ("mlp_dim", config.mlp_dim),
+    ("expert_mlp_dim", config.expert_hidden_dim),
+  ):
     if size % model:
-      raise ValueError(f"ModelConfig.{name}={size} is not divisible by the model mesh axis "
-                       f"({model}); choose MeshConfig.model dividing it.")
+      raise ValueError(
+        f"ModelConfig.{name}={size} is not divisible by the model mesh axis "
+        f"({model}); choose MeshConfig.model dividing it."
+      )
 
 
 def validate_batch_for_mesh(batch_size: int, mesh: Mesh) -> None:
   shards = mesh.shape["data"] * mesh.shape["expert"]
   if batch_size % shards:
-    raise ValueError(f"Global batch size {batch_size} is not divisible by data x expert = {shards} "
-                     f"batch shards; use a multiple of {shards}.")
+    raise ValueError(
+      f"Global batch size {batch_size} is not divisible by data x expert = {shards} "
+      f"batch shards; use a multiple of {shards}."
+    )
 
 
 class Partitioner:
@@ -129,8 +245,7 @@ class Partitioner:
 
   def shardings(self, logical_specs: Any) -> Any:
     """Pytree of logical ``PartitionSpec`` -> pytree of ``NamedSharding``."""
-    return jax.tree_util.tree_map(self.sharding, logical_specs,
-                                  is_leaf=lambda x: isinstance(x, P))
+    return jax.tree_util.tree_map(self.sharding, logical_specs, is_leaf=lambda x: isinstance(x, P))
 
   def batch_sharding(self) -> NamedSharding:
     """Batches ``[batch, length]`` split over the data and expert axes."""
@@ -138,16 +253,6 @@ class Partitioner:
 
   def replicated(self) -> NamedSharding:
     return NamedSharding(self.mesh, P())
-
-
-def _key_names(path) -> tuple[str, ...]:
-  names = []
-  for k in path:
-    for attr in ("key", "name", "idx"):
-      if hasattr(k, attr):
-        names.append(str(getattr(k, attr)))
-        break
-  return tuple(names)
 
 
 def _adafactor_deleted_dim(shape: tuple[int, ...], which: str) -> int:
@@ -175,10 +280,10 @@ def state_logical_axes(state: Any, params: Any, params_axes: Any) -> Any:
   flat_params = jax.tree_util.tree_flatten_with_path(params)[0]
   flat_axes = jax.tree_util.tree_leaves(params_axes, is_leaf=lambda x: isinstance(x, P))
   for (path, leaf), spec in zip(flat_params, flat_axes):
-    param_leaves[_key_names(path)] = (tuple(leaf.shape), spec)
+    param_leaves[param_tree.path_names(path)] = (tuple(leaf.shape), spec)
 
   def spec_for(path, leaf):
-    names = _key_names(path)
+    names = param_tree.path_names(path)
     shape = tuple(getattr(leaf, "shape", ()))
     for start in range(len(names)):
       match = param_leaves.get(names[start:])
@@ -189,7 +294,7 @@ def state_logical_axes(state: Any, params: Any, params_axes: Any) -> Any:
       if shape == pshape:
         return P(*spec)
       if len(shape) == len(pshape) - 1:
-        candidates = [d for d in range(len(pshape)) if pshape[:d] + pshape[d + 1:] == shape]
+        candidates = [d for d in range(len(pshape)) if pshape[:d] + pshape[d + 1 :] == shape]
         which = next((n for n in names if n in ("v_row", "v_col")), None)
         if which is not None and _adafactor_deleted_dim(pshape, which) in candidates:
           deleted = _adafactor_deleted_dim(pshape, which)
@@ -197,8 +302,18 @@ def state_logical_axes(state: Any, params: Any, params_axes: Any) -> Any:
           deleted = candidates[-1]
         else:
           return P()
-        return P(*(spec[:deleted] + spec[deleted + 1:]))
+        return P(*(spec[:deleted] + spec[deleted + 1 :]))
       return P()
     return P()
 
   return jax.tree_util.tree_map_with_path(spec_for, state)
+
+
+def sharded_abstract_params(model: Any, partitioner: "Partitioner") -> Any:
+  """Unboxed ``ShapeDtypeStruct`` params carrying their shardings (target of a sharded restore)."""
+  with partitioner.context():
+    shardings = partitioner.shardings(model.params_logical_axes())
+    shapes = jax.eval_shape(lambda: nn.unbox(model.init(jax.random.PRNGKey(0))))
+  return jax.tree_util.tree_map(
+    lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings
+  )

@@ -8,10 +8,16 @@ Tasks (decoder-only LM, one output feature `targets`, splits `train` / `validati
 - whatever `register_text_distribution` (Python) or `register_folder_distributions` (gin) adds;
 - whatever `register_tfds_distribution` adds over an existing TFDS dataset (C4, wiki40b on a cluster).
 
-Preprocessing: rekey `text` -> `targets`, tokenize with the shared `LazyVocabulary` (SentencePiece or
-byte, chosen by gin `get_vocabulary.kind`), append EOS, cut documents into chunks of the target length
-(so no tokens are dropped by trimming). Packing happens in the feature converter (see
-`lifelong_moe_jax.data.pipeline.get_dataset`).
+The registration functions themselves (`register_text_distribution`, `register_tfds_distribution`,
+`register_folder_distributions`, `register_mixture`, `task_name`, ...) live in
+`lifelong_moe_jax.data.registration` and are re-exported here; this module holds the built-in
+registrations and the gin face of `register_folder_distributions`. CLIs import this package through
+`--tasks_module` (default `tasks`).
+
+Preprocessing: rekey `text` -> `targets`, tokenize with the shared `LazyVocabulary`
+(`vocab.shared_vocabulary()`: SentencePiece or byte, chosen by gin `get_vocabulary.kind`), append EOS,
+cut documents into chunks of the target length (so no tokens are dropped by trimming). Packing happens
+in the feature converter (see `lifelong_moe_jax.data.pipeline.get_dataset`).
 
 Mixtures:
 - `lifelong_all`: the default distributions at equal rates. This is the multitask baseline's data: the
@@ -24,214 +30,56 @@ Mixtures:
 Every registration replaces an earlier one of the same name, so calling these functions again (or
 importing this module under another name) never fails on a duplicate.
 """
+
 from __future__ import annotations
 
-import functools
-from typing import Any, Callable, Iterable, Mapping, Sequence
-
 import gin
-import seqio
-import tensorflow as tf
-from absl import logging
 
 from lifelong_moe_jax.data import distributions
-from lifelong_moe_jax.data import preprocessors
-from lifelong_moe_jax.data import sources
+from lifelong_moe_jax.data import registration
 from lifelong_moe_jax.data import tfds_builder
 from lifelong_moe_jax.data import vocab
 
-TASK_PREFIX = "lifelong_"
+# The registration functions live in the library; re-exported so `tasks.register_text_distribution(...)`
+# and `tasks.corpora.register_mixture(...)` keep working.
+from lifelong_moe_jax.data.registration import (  # noqa: F401  pylint: disable=unused-import
+  OUTPUT_FEATURES,
+  TASK_PREFIX,
+  register_mixture,
+  register_text_distribution,
+  register_tfds_distribution,
+  task_name,
+  text_preprocessors,
+)
+
 ALL_MIXTURE = "lifelong_all"
 ALL_BY_SIZE_MIXTURE = "lifelong_all_by_size"
 
-# One shared instance: mixtures compare vocabularies by identity without resolving them at import.
-VOCABULARY = vocab.LazyVocabulary()
-OUTPUT_FEATURES = {"targets": seqio.Feature(vocabulary=VOCABULARY, add_eos=True, dtype=tf.int32)}
+# The process-wide shared instance (also used by the few-shot tasks), so mixtures compare vocabularies
+# by identity without resolving them at import.
+VOCABULARY = vocab.shared_vocabulary()
 
-_user_registrations: dict[str, tuple] = {}
-
-
-def task_name(distribution: str) -> str:
-    """`lifelong_<distribution>`; a name that already starts with the prefix is returned as is."""
-    return distribution if distribution.startswith(TASK_PREFIX) else TASK_PREFIX + distribution
-
-
-def text_preprocessors(text_key: str = "text") -> list[Callable[..., tf.data.Dataset]]:
-    """The LM preprocessing chain for examples with a string feature `text_key`."""
-    return [
-        functools.partial(seqio.preprocessors.rekey, key_map={"targets": text_key}),
-        seqio.preprocessors.tokenize,
-        seqio.preprocessors.append_eos,
-        preprocessors.split_tokens_to_length,
-    ]
-
-
-def _add_task(name: str, source: seqio.DataSource, text_key: str = "text") -> seqio.Task:
-    if name in seqio.TaskRegistry.names():
-        seqio.TaskRegistry.remove(name)
-    return seqio.TaskRegistry.add(name, source=source, output_features=OUTPUT_FEATURES,
-                                  preprocessors=text_preprocessors(text_key), metric_fns=[])
-
-
-def _rate_by_text_bytes(task: seqio.Task) -> float:
-    """Mixing rate = train text bytes (MB) of the task's prepared distribution, read at use time."""
-    source = task.source
-    if isinstance(source, tfds_builder.LocalTextTfdsSource):
-        marker = distributions.ensure_built(source.distribution)
-        return marker["splits"]["train"]["text_bytes"] / 1e6
-    return float(task.num_input_examples("train") or 1)
-
-
-def register_mixture(name: str, members: Sequence[str], rate: str | float = "equal") -> seqio.Mixture:
-    """Registers (or replaces) mixture `name` over distributions or task names.
-
-    Args:
-      name: mixture name.
-      members: distribution names (`wiki_en`) or task names (`lifelong_wiki_en`).
-      rate: "equal" (1.0 each), "size" (train text bytes of each prepared distribution), or a number.
-    """
-    if rate == "equal":
-        default_rate: Any = 1.0
-    elif rate == "size":
-        default_rate = _rate_by_text_bytes
-    elif isinstance(rate, (int, float)):
-        default_rate = float(rate)
-    else:
-        raise ValueError(f"rate must be 'equal', 'size' or a number, got {rate!r}.")
-    names = [task_name(m) for m in members]
-    missing = [n for n in names if n not in seqio.TaskRegistry.names()]
-    if missing:
-        raise ValueError(f"Mixture '{name}': unknown tasks {missing}. Registered lifelong tasks: "
-                         f"{sorted(n for n in seqio.TaskRegistry.names() if n.startswith(TASK_PREFIX))}.")
-    if name in seqio.MixtureRegistry.names():
-        seqio.MixtureRegistry.remove(name)
-    return seqio.MixtureRegistry.add(name, names, default_rate=default_rate)
+# Gin face of the library function (the task module is the edge that gin sees): a .gin file alone can
+# register folders,
+#
+#     register_folder_distributions.folders = {"legal": "/data/legal_txt"}
+#     register_folder_distributions.mixtures = {"wiki_and_legal": ["wiki_en", "legal"]}
+#
+# and the data pipeline applies those bindings before it resolves a task name (deferred registration).
+register_folder_distributions = gin.external_configurable(
+  registration.register_folder_distributions, "register_folder_distributions", module=__name__
+)
+registration.add_deferred_registration(
+  f"{__name__}.register_folder_distributions", register_folder_distributions
+)
 
 
 def register_builtin_tasks() -> None:
-    """Registers the built-in distribution tasks and the `lifelong_all*` mixtures (idempotent)."""
-    for dist in distributions.DEFAULT_DISTRIBUTIONS + distributions.OPTIONAL_DISTRIBUTIONS:
-        _add_task(task_name(dist), tfds_builder.LocalTextTfdsSource(dist))
-    register_mixture(ALL_MIXTURE, distributions.DEFAULT_DISTRIBUTIONS, rate="equal")
-    register_mixture(ALL_BY_SIZE_MIXTURE, distributions.DEFAULT_DISTRIBUTIONS, rate="size")
-
-
-def register_text_distribution(
-    name: str,
-    files: Iterable[str] | None = None,
-    folder: str | None = None,
-    *,
-    validation_fraction: float = distributions.DEFAULT_VALIDATION_FRACTION,
-    txt_mode: str = "paragraphs",
-    text_key: str = "text",
-    max_bytes: int | None = None,
-    description: str = "",
-    data_dir: str | None = None,
-) -> seqio.Task:
-    """Adds distribution `name` from your own files and registers task `lifelong_<name>`.
-
-    The files go through the same path as the built-in corpora: on first use they are split
-    (per document, hashed, `validation_fraction` of the text to validation), written as JSONL shards to
-    `DIR/<name>/`, materialised as TFDS `lifelong_text/<name>` under `DIR/tfds`, and read by seqio. A
-    change to the files (size or mtime) rebuilds them.
-
-    Args:
-      name: lowercase identifier (not a built-in name).
-      files: .txt / .jsonl files.
-      folder: a folder whose *.txt / *.jsonl files (recursively) are used; may be combined with files.
-      validation_fraction: share of text bytes held out for the validation split.
-      txt_mode: for .txt files, "paragraphs" (documents separated by blank lines) or "lines" (one
-        document per line).
-      text_key: field holding the document in .jsonl files.
-      max_bytes: optional cap on the text used (a hash-spread sample of documents).
-      description: free text, shown in the TFDS dataset info.
-      data_dir: where to build; None resolves the data dir at use (flag / gin / env / ./data).
-
-    Returns:
-      The registered seqio.Task.
-
-    Raises:
-      ValueError / FileNotFoundError: bad name, missing folder or file, unsupported extension.
-    """
-    distributions.validate_name(name)
-    file_list = tuple(files or ())
-    sources.list_text_files(file_list, folder)  # fail early on missing paths
-    if txt_mode not in ("paragraphs", "lines"):
-        raise ValueError(f"txt_mode must be 'paragraphs' or 'lines', got {txt_mode!r}.")
-    signature = (file_list, folder, validation_fraction, txt_mode, text_key, max_bytes, description,
-                 data_dir)
-    tname = task_name(name)
-    if _user_registrations.get(name) == signature and tname in seqio.TaskRegistry.names():
-        return seqio.TaskRegistry.get(tname)
-
-    def paths() -> list[str]:
-        return sources.list_text_files(file_list, folder)
-
-    spec = distributions.DistributionSpec(
-        name=name,
-        units_fn=lambda: sources.text_file_units(paths(), txt_mode, text_key),
-        fingerprint_fn=lambda: sources.text_files_fingerprint(paths()),
-        description=description or f"User text distribution '{name}'.",
-        validation_fraction=validation_fraction,
-        max_bytes=max_bytes,
-        auto_build=True,
-        options={"txt_mode": txt_mode, "text_key": text_key},
-    )
-    distributions.register_spec(spec)
-    _user_registrations[name] = signature
-    logging.info("Registered text distribution %s as task %s.", name, tname)
-    return _add_task(tname, tfds_builder.LocalTextTfdsSource(name, data_dir))
-
-
-def register_tfds_distribution(
-    name: str,
-    tfds_name: str,
-    tfds_data_dir: str | None = None,
-    *,
-    text_key: str = "text",
-    splits: Mapping[str, str] | None = None,
-) -> seqio.Task:
-    """Registers task `lifelong_<name>` over an already prepared TFDS dataset (C4, wiki40b, ...).
-
-    Args:
-      name: distribution name.
-      tfds_name: e.g. "c4/en:3.0.1" or "wiki40b/en:1.3.0" (a version is required).
-      tfds_data_dir: the cluster's TFDS data dir (None: TFDS's default).
-      text_key: the dataset's text feature.
-      splits: task split -> TFDS split, default {"train": "train", "validation": "validation"}.
-    """
-    distributions.validate_name(name)
-    source = seqio.TfdsDataSource(tfds_name=tfds_name, tfds_data_dir=tfds_data_dir,
-                                  splits=dict(splits or {"train": "train", "validation": "validation"}),
-                                  read_only=True)
-    return _add_task(task_name(name), source, text_key=text_key)
-
-
-@gin.configurable
-def register_folder_distributions(
-    folders: Mapping[str, str] | None = None,
-    validation_fraction: float = distributions.DEFAULT_VALIDATION_FRACTION,
-    txt_mode: str = "paragraphs",
-    text_key: str = "text",
-    mixtures: Mapping[str, Sequence[str]] | None = None,
-) -> list[str]:
-    """Gin-only registration: every `name: folder` in `folders` becomes task `lifelong_<name>`.
-
-    The data pipeline calls this (with the gin bindings) before resolving a task name, so a .gin file
-    alone is enough:
-
-        register_folder_distributions.folders = {"legal": "/data/legal_txt"}
-        register_folder_distributions.mixtures = {"wiki_and_legal": ["wiki_en", "legal"]}
-
-    Returns:
-      The registered task names (mixtures are registered at equal rates).
-    """
-    names = [register_text_distribution(name, folder=folder, validation_fraction=validation_fraction,
-                                        txt_mode=txt_mode, text_key=text_key).name
-             for name, folder in sorted((folders or {}).items())]
-    for mixture, members in sorted((mixtures or {}).items()):
-        register_mixture(mixture, members)
-    return names
+  """Registers the built-in distribution tasks and the `lifelong_all*` mixtures (idempotent)."""
+  for dist in distributions.DEFAULT_DISTRIBUTIONS + distributions.OPTIONAL_DISTRIBUTIONS:
+    registration.add_text_task(task_name(dist), tfds_builder.LocalTextTfdsSource(dist))
+  register_mixture(ALL_MIXTURE, distributions.DEFAULT_DISTRIBUTIONS, rate="equal")
+  register_mixture(ALL_BY_SIZE_MIXTURE, distributions.DEFAULT_DISTRIBUTIONS, rate="size")
 
 
 register_builtin_tasks()

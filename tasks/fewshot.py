@@ -23,6 +23,7 @@ pseudo-random order and are capped (``EVAL_CAP`` / ``DEMO_CAP``); see docs/fewsh
 formats and sizes. ``fewshot_quiz`` is registered only when the Debian package ``bsdgames`` is
 installed (``QUIZ_DIRS``).
 """
+
 from __future__ import annotations
 
 import functools
@@ -38,8 +39,8 @@ from lifelong_moe_jax.data import shards
 from lifelong_moe_jax.eval import prompts
 from lifelong_moe_jax.eval.prompts import FewShotExample, FewShotTask
 
-EVAL_CAP = 500     # examples kept per eval split of a corpus task
-DEMO_CAP = 2000    # examples kept per demonstration split
+EVAL_CAP = 500  # examples kept per eval split of a corpus task
+DEMO_CAP = 2000  # examples kept per demonstration split
 NUM_CHOICES = 4
 CONTEXT_LINES = 6  # code lines before the target line
 CONTEXT_TURNS = 4  # dialog turns before the target turn
@@ -63,8 +64,10 @@ def _package_file(package: str, *parts: str) -> str:
   """Path of a file shipped inside an installed package, without importing the package."""
   spec = importlib.util.find_spec(package)
   if spec is None or not spec.submodule_search_locations:
-    raise prompts.FewShotError(f"Package {package!r} is not installed; it ships the data of this "
-                               f"task (pip install -e '.[corpora]').")
+    raise prompts.FewShotError(
+      f"Package {package!r} is not installed; it ships the data of this "
+      f"task (pip install -e '.[corpora]')."
+    )
   path = os.path.join(list(spec.submodule_search_locations)[0], *parts)
   if not os.path.exists(path):
     raise prompts.FewShotError(f"{path} is missing from the installed {package!r} package.")
@@ -121,28 +124,33 @@ def wiki_cloze_items(documents: Sequence[str]) -> list[tuple[str, str]]:
   return items
 
 
-def _pooled_choice(items: Sequence[tuple[str, str]], name: str, split: str,
-                   answer_prefix: str = "") -> list[FewShotExample]:
+def _pooled_choice(
+  items: Sequence[tuple[str, str]], name: str, split: str, answer_prefix: str = ""
+) -> list[FewShotExample]:
   """``NUM_CHOICES``-way questions from (context, answer) items, in the stable order of task
   ``fewshot_<name>``, capped; the distractors are answers of other items of the split, seeded by
   ``name`` and the context."""
   pool = [answer for _, answer in items]
   out = []
-  for context, answer in prompts.stable_shuffle(items, f"fewshot_{name}", split)[:_cap(split)]:
+  for context, answer in prompts.stable_shuffle(items, f"fewshot_{name}", split)[: _cap(split)]:
     distractors = prompts.pick_distractors(answer, pool, NUM_CHOICES - 1, name, context)
-    out.append(prompts.multiple_choice(context, answer_prefix + answer,
-                                       [answer_prefix + d for d in distractors], name, context))
+    out.append(
+      prompts.multiple_choice(
+        context, answer_prefix + answer, [answer_prefix + d for d in distractors], name, context
+      )
+    )
   return out
 
 
 def _wiki_cloze(split: str) -> list[FewShotExample]:
-  return _pooled_choice(wiki_cloze_items(prepared_documents("wiki_en", split)), "wiki_cloze",
-                        split, answer_prefix=" ")
+  return _pooled_choice(
+    wiki_cloze_items(prepared_documents("wiki_en", split)), "wiki_cloze", split, answer_prefix=" "
+  )
 
 
 # ------------------------------------------------------------------------------- code_py
 def _indent(line: str) -> str:
-  return line[:len(line) - len(line.lstrip())]
+  return line[: len(line) - len(line.lstrip())]
 
 
 def code_line_items(documents: Sequence[str]) -> list[tuple[str, str]]:
@@ -156,7 +164,7 @@ def code_line_items(documents: Sequence[str]) -> list[tuple[str, str]]:
       body = line.strip()
       if len(body) < 12 or body.startswith(("#", '"""', "'''")):
         continue
-      items.append(("\n".join(lines[i - CONTEXT_LINES:i]) + "\n", line))
+      items.append(("\n".join(lines[i - CONTEXT_LINES : i]) + "\n", line))
   return items
 
 
@@ -168,8 +176,9 @@ def _code_next_line(split: str) -> list[FewShotExample]:
   out = []
   for context, line in prompts.stable_shuffle(items, "fewshot_code_next_line", split):
     # Distractors share the target's indentation, so whitespace alone does not give it away.
-    distractors = prompts.pick_distractors(line, by_indent[_indent(line)], NUM_CHOICES - 1,
-                                           "code_next_line", context, line)
+    distractors = prompts.pick_distractors(
+      line, by_indent[_indent(line)], NUM_CHOICES - 1, "code_next_line", context, line
+    )
     if len(distractors) == NUM_CHOICES - 1:
       out.append(prompts.multiple_choice(context, line, distractors, "code_next_line", context))
     if len(out) == _cap(split):
@@ -187,7 +196,7 @@ def _code_completion(split: str) -> list[FewShotExample]:
     m = _COMPLETION_SPLIT.search(line)
     if m is None:
       continue
-    head, rest = line[:m.end()], line[m.end():]
+    head, rest = line[: m.end()], line[m.end() :]
     if len(rest.strip()) < 3:
       continue
     out.append(FewShotExample(prompt=context + head, answers=(rest,)))
@@ -205,13 +214,14 @@ def dialog_items(documents: Sequence[str]) -> list[tuple[str, str]]:
     turns = [t.strip() for t in doc.split("\n") if t.strip()]
     for i in range(2, len(turns)):
       if 3 <= len(turns[i].split()) <= 30:
-        items.append(("\n".join(turns[max(0, i - CONTEXT_TURNS):i]) + "\n", turns[i]))
+        items.append(("\n".join(turns[max(0, i - CONTEXT_TURNS) : i]) + "\n", turns[i]))
   return items
 
 
 def _dialog_response(split: str) -> list[FewShotExample]:
-  return _pooled_choice(dialog_items(prepared_documents("dialog_en", split)), "dialog_response",
-                        split)
+  return _pooled_choice(
+    dialog_items(prepared_documents("dialog_en", split)), "dialog_response", split
+  )
 
 
 # ------------------------------------------------------------------------------- gensim files
@@ -235,11 +245,17 @@ def _analogy(split: str) -> tuple[FewShotExample, ...]:
     answers_by_section.setdefault(section, []).append(d)
   chosen = [(s, q) for s, q in items if _in_split(" ".join(q), split, validation_share=1)]
   out = []
-  for section, (a, b, c, d) in prompts.stable_shuffle(chosen, "fewshot_analogy", split)[:_cap(split)]:
-    distractors = prompts.pick_distractors(d, answers_by_section[section], NUM_CHOICES - 1,
-                                           "analogy", a, b, c, exclude=(a, b, c))
-    out.append(prompts.multiple_choice(f"{a} is to {b} as {c} is to", " " + d,
-                                       [" " + w for w in distractors], "analogy", a, b, c))
+  for section, (a, b, c, d) in prompts.stable_shuffle(chosen, "fewshot_analogy", split)[
+    : _cap(split)
+  ]:
+    distractors = prompts.pick_distractors(
+      d, answers_by_section[section], NUM_CHOICES - 1, "analogy", a, b, c, exclude=(a, b, c)
+    )
+    out.append(
+      prompts.multiple_choice(
+        f"{a} is to {b} as {c} is to", " " + d, [" " + w for w in distractors], "analogy", a, b, c
+      )
+    )
   return tuple(out)
 
 
@@ -263,26 +279,29 @@ def _polarity(split: str) -> tuple[FewShotExample, ...]:
     raise prompts.FewShotError(f"Unknown split {split!r}; use 'train' or 'validation'.")
   chosen = []
   for label in (0, 1):  # per label: the first half (stable order) is validation
-    texts = prompts.stable_shuffle([t for t, l in polarity_items() if l == label], "polarity", label)
+    texts = prompts.stable_shuffle(
+      [t for t, l in polarity_items() if l == label], "polarity", label
+    )
     half = len(texts) // 2
     chosen += [(t, label) for t in (texts[:half] if split == "validation" else texts[half:])]
-  return tuple(FewShotExample(prompt=f"Review: {text}\nSentiment:", choices=POLARITY_CHOICES,
-                              correct=(label,))
-               for text, label in prompts.stable_shuffle(chosen, "fewshot_polarity", split))
+  return tuple(
+    FewShotExample(prompt=f"Review: {text}\nSentiment:", choices=POLARITY_CHOICES, correct=(label,))
+    for text, label in prompts.stable_shuffle(chosen, "fewshot_polarity", split)
+  )
 
 
 # ------------------------------------------------------------------------------- bsdgames quiz
 # file -> (question field, answer field, prompt template)
 QUIZ_FILES = {
-    "africa": (0, 1, "Q: What is the capital of {}?\nA:"),
-    "america": (0, 1, "Q: What is the capital of {}?\nA:"),
-    "asia": (0, 1, "Q: What is the capital of {}?\nA:"),
-    "europe": (0, 1, "Q: What is the capital of {}?\nA:"),
-    "province": (0, 1, "Q: What is the capital of {}?\nA:"),
-    "state": (0, 1, "Q: What is the capital of {}?\nA:"),
-    "elements": (0, 3, "Q: Which chemical element has the symbol {}?\nA:"),
-    "sexes": (0, 1, "Q: What is the female counterpart of \"{}\"?\nA:"),
-    "collectives": (0, 1, "Q: What is the collective noun for {}?\nA:"),
+  "africa": (0, 1, "Q: What is the capital of {}?\nA:"),
+  "america": (0, 1, "Q: What is the capital of {}?\nA:"),
+  "asia": (0, 1, "Q: What is the capital of {}?\nA:"),
+  "europe": (0, 1, "Q: What is the capital of {}?\nA:"),
+  "province": (0, 1, "Q: What is the capital of {}?\nA:"),
+  "state": (0, 1, "Q: What is the capital of {}?\nA:"),
+  "elements": (0, 3, "Q: Which chemical element has the symbol {}?\nA:"),
+  "sexes": (0, 1, "Q: What is the female counterpart of \"{}\"?\nA:"),
+  "collectives": (0, 1, "Q: What is the collective noun for {}?\nA:"),
 }
 
 
@@ -335,7 +354,7 @@ def _split_quiz_fields(line: str) -> list[str]:
   while i < len(line):
     c = line[i]
     if c == "\\" and i + 1 < len(line):
-      current += line[i:i + 2]
+      current += line[i : i + 2]
       i += 2
       continue
     depth += c in "{[" and 1 or 0
@@ -380,7 +399,9 @@ def quiz_items(directory: str) -> list[tuple[str, str, str]]:
 def _quiz(split: str) -> tuple[FewShotExample, ...]:
   directory = quiz_dir()
   if directory is None:
-    raise prompts.FewShotError("fewshot_quiz needs the bsdgames quiz files: apt-get install bsdgames.")
+    raise prompts.FewShotError(
+      "fewshot_quiz needs the bsdgames quiz files: apt-get install bsdgames."
+    )
   items = quiz_items(directory)
   answers_by_file: dict[str, list[str]] = {}
   for name, _, answer in items:
@@ -388,10 +409,19 @@ def _quiz(split: str) -> tuple[FewShotExample, ...]:
   chosen = [it for it in items if _in_split(it[1], split, validation_share=2)]
   out = []
   for name, question, answer in prompts.stable_shuffle(chosen, "fewshot_quiz", split):
-    distractors = prompts.pick_distractors(answer, answers_by_file[name], NUM_CHOICES - 1, "quiz",
-                                           name, question)
-    out.append(prompts.multiple_choice(QUIZ_FILES[name][2].format(question), " " + answer,
-                                       [" " + d for d in distractors], "quiz", name, question))
+    distractors = prompts.pick_distractors(
+      answer, answers_by_file[name], NUM_CHOICES - 1, "quiz", name, question
+    )
+    out.append(
+      prompts.multiple_choice(
+        QUIZ_FILES[name][2].format(question),
+        " " + answer,
+        [" " + d for d in distractors],
+        "quiz",
+        name,
+        question,
+      )
+    )
   return tuple(out)
 
 
@@ -414,36 +444,78 @@ def _corpus_task_loader(distribution: str, build: Callable[[str], list[FewShotEx
   return load
 
 
+def _always_available() -> bool:
+  """Corpus tasks check their prepared data when loaded (raising with the prepare command), and the
+  gensim files come with the ``corpora`` extra: they are always in the default list."""
+  return True
+
+
+def _quiz_available() -> bool:
+  return quiz_dir() is not None
+
+
 EMBEDDED_TASKS: tuple[FewShotTask, ...] = (
-    FewShotTask(
-        "fewshot_wiki_cloze", prompts.MULTIPLE_CHOICE, _corpus_task_loader("wiki_en", _wiki_cloze),
-        description="Last word of a held-out wiki_en sentence (previous sentence as context), 4-way."),
-    FewShotTask(
-        "fewshot_code_next_line", prompts.MULTIPLE_CHOICE,
-        _corpus_task_loader("code_py", _code_next_line),
-        description="Next line of held-out Python (6 lines of context), 4 candidates of equal indent."),
-    FewShotTask(
-        "fewshot_code_completion", prompts.GENERATION,
-        _corpus_task_loader("code_py", _code_completion), normalize="code", max_decode_len=24,
-        description="Rest of a held-out Python line after its first '=' or '(' (greedy, 24 tokens)."),
-    FewShotTask(
-        "fewshot_dialog_response", prompts.MULTIPLE_CHOICE,
-        _corpus_task_loader("dialog_en", _dialog_response), primary_metric="accuracy_norm",
-        description="Next turn of a held-out dialog_en conversation (4 turns of context), 4-way."),
-    FewShotTask(
-        "fewshot_analogy", prompts.MULTIPLE_CHOICE, _analogy,
-        description="'a is to b as c is to' -> d from gensim's questions-words.txt, 4-way."),
-    FewShotTask(
-        "fewshot_polarity", prompts.MULTIPLE_CHOICE, _polarity,
-        description="Sentiment of a movie-review snippet (gensim pang_lee_polarity.cor), 2-way."),
+  FewShotTask(
+    "fewshot_wiki_cloze",
+    prompts.MULTIPLE_CHOICE,
+    _corpus_task_loader("wiki_en", _wiki_cloze),
+    is_available=_always_available,
+    description="Last word of a held-out wiki_en sentence (previous sentence as context), 4-way.",
+  ),
+  FewShotTask(
+    "fewshot_code_next_line",
+    prompts.MULTIPLE_CHOICE,
+    _corpus_task_loader("code_py", _code_next_line),
+    is_available=_always_available,
+    description="Next line of held-out Python (6 lines of context), 4 candidates of equal indent.",
+  ),
+  FewShotTask(
+    "fewshot_code_completion",
+    prompts.GENERATION,
+    _corpus_task_loader("code_py", _code_completion),
+    normalize="code",
+    max_decode_len=24,
+    is_available=_always_available,
+    description="Rest of a held-out Python line after its first '=' or '(' (greedy, 24 tokens).",
+  ),
+  FewShotTask(
+    "fewshot_dialog_response",
+    prompts.MULTIPLE_CHOICE,
+    _corpus_task_loader("dialog_en", _dialog_response),
+    primary_metric="accuracy_norm",
+    is_available=_always_available,
+    description="Next turn of a held-out dialog_en conversation (4 turns of context), 4-way.",
+  ),
+  FewShotTask(
+    "fewshot_analogy",
+    prompts.MULTIPLE_CHOICE,
+    _analogy,
+    is_available=_always_available,
+    description="'a is to b as c is to' -> d from gensim's questions-words.txt, 4-way.",
+  ),
+  FewShotTask(
+    "fewshot_polarity",
+    prompts.MULTIPLE_CHOICE,
+    _polarity,
+    is_available=_always_available,
+    description="Sentiment of a movie-review snippet (gensim pang_lee_polarity.cor), 2-way.",
+  ),
 )
 QUIZ_TASK = FewShotTask(
-    "fewshot_quiz", prompts.MULTIPLE_CHOICE, _quiz,
-    description="bsdgames quiz questions (capitals, chemical elements, ...), 4-way.")
+  "fewshot_quiz",
+  prompts.MULTIPLE_CHOICE,
+  _quiz,
+  is_available=_quiz_available,
+  description="bsdgames quiz questions (capitals, chemical elements, ...), 4-way.",
+)
 
 
 def available_tasks() -> list[str]:
-  """Names of the embedded tasks whose data is present (fewshot_quiz needs bsdgames)."""
+  """Names of the embedded tasks whose data is present (fewshot_quiz needs bsdgames).
+
+  The library sees the same list through ``FewShotTask.is_available``
+  (``prompts.available_tasks()``, the default of ``run_fewshot``).
+  """
   return [t.name for t in EMBEDDED_TASKS] + ([QUIZ_TASK.name] if quiz_dir() else [])
 
 

@@ -11,6 +11,7 @@ classification of the candidate continuations (see ``SUITE`` and docs/fewshot.md
 come from the first ``DEMO_CAP`` examples of the demonstration split. Examples without a usable
 label (unlabelled test splits) are skipped.
 """
+
 from __future__ import annotations
 
 import functools
@@ -53,12 +54,16 @@ def _label(value: Any, num_choices: int) -> int | None:
   return label if 0 <= label < num_choices else None
 
 
-def _mc(prompt: str, choices: Sequence[str], label: int | None,
-        choice_prompts: Sequence[str] = ()) -> list[FewShotExample]:
+def _mc(
+  prompt: str, choices: Sequence[str], label: int | None, choice_prompts: Sequence[str] = ()
+) -> list[FewShotExample]:
   if label is None or len(choices) < 2:
     return []
-  return [FewShotExample(prompt=prompt, choices=tuple(choices), correct=(label,),
-                         choice_prompts=tuple(choice_prompts))]
+  return [
+    FewShotExample(
+      prompt=prompt, choices=tuple(choices), correct=(label,), choice_prompts=tuple(choice_prompts)
+    )
+  ]
 
 
 # ------------------------------------------------------------------------------- converters
@@ -66,7 +71,9 @@ def _qa(ex: dict[str, Any], question: str, answers: Sequence[str]) -> list[FewSh
   answers = [a for a in dict.fromkeys(a.strip() for a in answers) if a]
   if not answers:
     return []
-  return [FewShotExample(prompt=f"Q: {question.strip()}\nA:", answers=tuple(" " + a for a in answers))]
+  return [
+    FewShotExample(prompt=f"Q: {question.strip()}\nA:", answers=tuple(" " + a for a in answers))
+  ]
 
 
 def triviaqa(ex):
@@ -88,19 +95,27 @@ def arc(ex):
   labels = [int(x) for x in choices["label"]]
   answer = int(ex["answerKey"])
   label = labels.index(answer) if answer in labels else None
-  return _mc(f"Question: {_text(ex['question'])}\nAnswer:", [" " + t for t in _texts(choices["text"])],
-             label)
+  return _mc(
+    f"Question: {_text(ex['question'])}\nAnswer:", [" " + t for t in _texts(choices["text"])], label
+  )
 
 
 def boolq(ex):
   question = _text(ex["question"]).strip().rstrip("?")
-  return _mc(f"{_text(ex['passage'])}\nquestion: {question}?\nanswer:", [" no", " yes"],
-             _label(ex["label"], 2))
+  return _mc(
+    f"{_text(ex['passage'])}\nquestion: {question}?\nanswer:",
+    [" no", " yes"],
+    _label(ex["label"], 2),
+  )
 
 
 def cb(ex):
-  return _mc(f"{_text(ex['premise'])}\nquestion: {_text(ex['hypothesis'])} true, false, or "
-             "neither?\nanswer:", [" true", " false", " neither"], _label(ex["label"], 3))
+  return _mc(
+    f"{_text(ex['premise'])}\nquestion: {_text(ex['hypothesis'])} true, false, or "
+    "neither?\nanswer:",
+    [" true", " false", " neither"],
+    _label(ex["label"], 3),
+  )
 
 
 def copa(ex):
@@ -111,25 +126,37 @@ def copa(ex):
     s = s.strip()
     return s[:1].lower() + s[1:]
 
-  return _mc(premise + connector, [" " + lower_first(_text(ex["choice1"])),
-                                   " " + lower_first(_text(ex["choice2"]))], _label(ex["label"], 2))
+  return _mc(
+    premise + connector,
+    [" " + lower_first(_text(ex["choice1"])), " " + lower_first(_text(ex["choice2"]))],
+    _label(ex["label"], 2),
+  )
 
 
 def rte(ex):
-  return _mc(f"{_text(ex['premise'])}\nquestion: {_text(ex['hypothesis'])} True or False?\nanswer:",
-             [" True", " False"], _label(ex["label"], 2))
+  return _mc(
+    f"{_text(ex['premise'])}\nquestion: {_text(ex['hypothesis'])} True or False?\nanswer:",
+    [" True", " False"],
+    _label(ex["label"], 2),
+  )
 
 
 def wic(ex):
-  return _mc(f"{_text(ex['sentence1'])}\n{_text(ex['sentence2'])}\nquestion: Is the word "
-             f"'{_text(ex['word'])}' used in the same way in the two sentences above?\nanswer:",
-             [" no", " yes"], _label(ex["label"], 2))
+  return _mc(
+    f"{_text(ex['sentence1'])}\n{_text(ex['sentence2'])}\nquestion: Is the word "
+    f"'{_text(ex['word'])}' used in the same way in the two sentences above?\nanswer:",
+    [" no", " yes"],
+    _label(ex["label"], 2),
+  )
 
 
 def wsc(ex):
-  return _mc(f"{_text(ex['text'])}\nquestion: In the passage above, does the pronoun "
-             f"\"{_text(ex['span2_text'])}\" refer to {_text(ex['span1_text'])}?\nanswer:",
-             [" no", " yes"], _label(ex["label"], 2))
+  return _mc(
+    f"{_text(ex['text'])}\nquestion: In the passage above, does the pronoun "
+    f"\"{_text(ex['span2_text'])}\" refer to {_text(ex['span1_text'])}?\nanswer:",
+    [" no", " yes"],
+    _label(ex["label"], 2),
+  )
 
 
 def record(ex):
@@ -144,13 +171,18 @@ def record(ex):
   if not correct or len(entities) < 2:
     return []
   prompt = f"{passage}\n-" + (" " + before.rstrip() if before.strip() else "")
-  return [FewShotExample(prompt=prompt,
-                         choices=tuple(" " + e + after for e in entities), correct=correct)]
+  return [
+    FewShotExample(prompt=prompt, choices=tuple(" " + e + after for e in entities), correct=correct)
+  ]
 
 
 def multirc(ex):
-  return _mc(f"{_text(ex['paragraph'])}\nquestion: {_text(ex['question'])}\nIs \"{_text(ex['answer'])}\""
-             " a correct answer?\nanswer:", [" no", " yes"], _label(ex["label"], 2))
+  return _mc(
+    f"{_text(ex['paragraph'])}\nquestion: {_text(ex['question'])}\nIs \"{_text(ex['answer'])}\""
+    " a correct answer?\nanswer:",
+    [" no", " yes"],
+    _label(ex["label"], 2),
+  )
 
 
 def hellaswag(ex):
@@ -160,8 +192,11 @@ def hellaswag(ex):
 
 
 def piqa(ex):
-  return _mc(f"Question: {_text(ex['goal'])}\nAnswer:", [" " + _text(ex["sol1"]), " " + _text(ex["sol2"])],
-             _label(ex["label"], 2))
+  return _mc(
+    f"Question: {_text(ex['goal'])}\nAnswer:",
+    [" " + _text(ex["sol1"]), " " + _text(ex["sol2"])],
+    _label(ex["label"], 2),
+  )
 
 
 def openbookqa(ex):
@@ -173,19 +208,25 @@ def openbookqa(ex):
 def race(ex):
   out = []
   article = _text(ex["article"])
-  for question, answer, options in zip(_texts(ex["questions"]), _texts(ex["answers"]), ex["options"]):
+  for question, answer, options in zip(
+    _texts(ex["questions"]), _texts(ex["answers"]), ex["options"]
+  ):
     options = _texts(options)
     label = "ABCD".find(answer.strip()) if len(answer.strip()) == 1 else -1
-    out += _mc(f"Article: {article}\n\nQuestion: {question}\nAnswer:", [" " + o for o in options],
-               label if 0 <= label < len(options) else None)
+    out += _mc(
+      f"Article: {article}\n\nQuestion: {question}\nAnswer:",
+      [" " + o for o in options],
+      label if 0 <= label < len(options) else None,
+    )
   return out
 
 
 def story_cloze(ex):
   endings = _texts(ex["endings"])
   label = _label(ex["label"], len(endings) + 1)  # AnswerRightEnding is 1-based
-  return _mc(_text(ex["context"]), [" " + e.strip() for e in endings],
-             None if not label else label - 1)
+  return _mc(
+    _text(ex["context"]), [" " + e.strip() for e in endings], None if not label else label - 1
+  )
 
 
 def winogrande(ex):
@@ -196,42 +237,56 @@ def winogrande(ex):
   options = [_text(ex["option1"]), _text(ex["option2"])]
   # Partial scoring (GPT-3): each option is substituted into the prompt; the shared remainder is
   # the continuation whose likelihood is compared.
-  return _mc(before + options[0], [after, after], _label(ex["label"], 2),
-             choice_prompts=[before + o for o in options])
+  return _mc(
+    before + options[0],
+    [after, after],
+    _label(ex["label"], 2),
+    choice_prompts=[before + o for o in options],
+  )
 
 
 def anli(ex):
-  return _mc(f"{_text(ex['context'])}\nQuestion: {_text(ex['hypothesis'])} True, False, or "
-             "Neither?\nAnswer:", [" True", " Neither", " False"], _label(ex["label"], 3))
+  return _mc(
+    f"{_text(ex['context'])}\nQuestion: {_text(ex['hypothesis'])} True, False, or "
+    "Neither?\nAnswer:",
+    [" True", " Neither", " False"],
+    _label(ex["label"], 3),
+  )
 
 
 # ------------------------------------------------------------------------------- the suite
 # name -> (tfds name, eval split, demonstration split, converter, kind)
 _GEN, _MC = prompts.GENERATION, prompts.MULTIPLE_CHOICE
 SUITE: dict[str, tuple[str, str, str, Converter, str]] = {
-    "glam_triviaqa": ("trivia_qa/rc.nocontext", "validation", "train", triviaqa, _GEN),
-    "glam_natural_questions": ("natural_questions_open", "validation", "train", natural_questions, _GEN),
-    "glam_web_questions": ("web_questions", "test", "train", web_questions, _GEN),
-    "glam_arc_easy": ("ai2_arc/ARC-Easy", "test", "train", arc, _MC),
-    "glam_arc_challenge": ("ai2_arc/ARC-Challenge", "test", "train", arc, _MC),
-    "glam_boolq": ("super_glue/boolq", "validation", "train", boolq, _MC),
-    "glam_cb": ("super_glue/cb", "validation", "train", cb, _MC),
-    "glam_copa": ("super_glue/copa", "validation", "train", copa, _MC),
-    "glam_rte": ("super_glue/rte", "validation", "train", rte, _MC),
-    "glam_wic": ("super_glue/wic", "validation", "train", wic, _MC),
-    "glam_wsc": ("super_glue/wsc.fixed", "validation", "train", wsc, _MC),
-    "glam_record": ("super_glue/record", "validation", "train", record, _MC),
-    "glam_multirc": ("super_glue/multirc", "validation", "train", multirc, _MC),
-    "glam_hellaswag": ("hellaswag", "validation", "train", hellaswag, _MC),
-    "glam_piqa": ("piqa", "validation", "train", piqa, _MC),
-    "glam_openbookqa": ("openbookqa", "test", "train", openbookqa, _MC),
-    "glam_race_middle": ("race/middle", "test", "train", race, _MC),
-    "glam_race_high": ("race/high", "test", "train", race, _MC),
-    "glam_storycloze": ("story_cloze/2016", "test", "validation", story_cloze, _MC),
-    "glam_winogrande": ("winogrande", "validation", "train_xl", winogrande, _MC),
-    "glam_anli_r1": ("anli/r1", "test", "train", anli, _MC),
-    "glam_anli_r2": ("anli/r2", "test", "train", anli, _MC),
-    "glam_anli_r3": ("anli/r3", "test", "train", anli, _MC),
+  "glam_triviaqa": ("trivia_qa/rc.nocontext", "validation", "train", triviaqa, _GEN),
+  "glam_natural_questions": (
+    "natural_questions_open",
+    "validation",
+    "train",
+    natural_questions,
+    _GEN,
+  ),
+  "glam_web_questions": ("web_questions", "test", "train", web_questions, _GEN),
+  "glam_arc_easy": ("ai2_arc/ARC-Easy", "test", "train", arc, _MC),
+  "glam_arc_challenge": ("ai2_arc/ARC-Challenge", "test", "train", arc, _MC),
+  "glam_boolq": ("super_glue/boolq", "validation", "train", boolq, _MC),
+  "glam_cb": ("super_glue/cb", "validation", "train", cb, _MC),
+  "glam_copa": ("super_glue/copa", "validation", "train", copa, _MC),
+  "glam_rte": ("super_glue/rte", "validation", "train", rte, _MC),
+  "glam_wic": ("super_glue/wic", "validation", "train", wic, _MC),
+  "glam_wsc": ("super_glue/wsc.fixed", "validation", "train", wsc, _MC),
+  "glam_record": ("super_glue/record", "validation", "train", record, _MC),
+  "glam_multirc": ("super_glue/multirc", "validation", "train", multirc, _MC),
+  "glam_hellaswag": ("hellaswag", "validation", "train", hellaswag, _MC),
+  "glam_piqa": ("piqa", "validation", "train", piqa, _MC),
+  "glam_openbookqa": ("openbookqa", "test", "train", openbookqa, _MC),
+  "glam_race_middle": ("race/middle", "test", "train", race, _MC),
+  "glam_race_high": ("race/high", "test", "train", race, _MC),
+  "glam_storycloze": ("story_cloze/2016", "test", "validation", story_cloze, _MC),
+  "glam_winogrande": ("winogrande", "validation", "train_xl", winogrande, _MC),
+  "glam_anli_r1": ("anli/r1", "test", "train", anli, _MC),
+  "glam_anli_r2": ("anli/r2", "test", "train", anli, _MC),
+  "glam_anli_r3": ("anli/r3", "test", "train", anli, _MC),
 }
 
 
@@ -239,18 +294,23 @@ class GlamDataNotFoundError(prompts.FewShotError):
   """A suite dataset is not prepared in the TFDS data dir."""
 
 
-def load_tfds_examples(tfds_name: str, split: str, data_dir: str | None = None) -> list[dict[str, Any]]:
+def load_tfds_examples(
+  tfds_name: str, split: str, data_dir: str | None = None
+) -> list[dict[str, Any]]:
   """Examples of a prepared TFDS dataset as numpy dicts, in file order, without downloading."""
   import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
+
   try:
-    ds = tfds.load(tfds_name, split=split, data_dir=data_dir, download=False, shuffle_files=False,
-                   try_gcs=False)
+    ds = tfds.load(
+      tfds_name, split=split, data_dir=data_dir, download=False, shuffle_files=False, try_gcs=False
+    )
   except Exception as e:  # pylint: disable=broad-except - tfds raises several types for "not here"
     raise GlamDataNotFoundError(
-        f"TFDS dataset {tfds_name!r} (split {split!r}) is not available in "
-        f"{data_dir or 'the default TFDS data dir'}: {e}\nPrepare it on a machine with the data "
-        f"(tfds build {tfds_name.split('/')[0]} --data_dir=DIR) and point gin "
-        f"glam_tfds_data_dir.data_dir (or ${GLAM_DATA_DIR_ENV}) at DIR.") from e
+      f"TFDS dataset {tfds_name!r} (split {split!r}) is not available in "
+      f"{data_dir or 'the default TFDS data dir'}: {e}\nPrepare it on a machine with the data "
+      f"(tfds build {tfds_name.split('/')[0]} --data_dir=DIR) and point gin "
+      f"glam_tfds_data_dir.data_dir (or ${GLAM_DATA_DIR_ENV}) at DIR."
+    ) from e
   return list(tfds.as_numpy(ds))
 
 
@@ -280,9 +340,17 @@ def _normalize_kind(name: str) -> dict[str, Any]:
 def register_suite() -> list[str]:
   """Registers every suite task (idempotent); touches no data."""
   for name, (tfds_name, eval_split, demo_split, _, kind) in SUITE.items():
-    prompts.register(FewShotTask(name, kind, _loader(name), eval_split=eval_split,
-                                 demo_split=demo_split, description=f"GLaM suite: {tfds_name}",
-                                 **_normalize_kind(name)))
+    prompts.register(
+      FewShotTask(
+        name,
+        kind,
+        _loader(name),
+        eval_split=eval_split,
+        demo_split=demo_split,
+        description=f"GLaM suite: {tfds_name}",
+        **_normalize_kind(name),
+      )
+    )
   return list(SUITE)
 
 

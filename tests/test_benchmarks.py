@@ -1,5 +1,6 @@
 """The README's benchmark commands run end to end (tiny settings; the numbers are not checked here,
 benchmarks print ratios measured in one run, see benchmarks/)."""
+
 import os
 import re
 import subprocess
@@ -9,25 +10,212 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _run(script, data_dir, *args):
-  env = dict(os.environ, LIFELONG_MOE_DATA_DIR=data_dir, NO_GCE_CHECK="true",
-             TF_CPP_MIN_LOG_LEVEL="2", CUDA_VISIBLE_DEVICES="")
-  env.pop("XLA_FLAGS", None)   # train_step.py asks for 8 host devices itself
-  proc = subprocess.run([sys.executable, os.path.join("benchmarks", script), *args], cwd=REPO,
-                        env=env, capture_output=True, text=True, timeout=900)
+  env = dict(
+    os.environ,
+    LIFELONG_MOE_DATA_DIR=data_dir,
+    NO_GCE_CHECK="true",
+    TF_CPP_MIN_LOG_LEVEL="2",
+    CUDA_VISIBLE_DEVICES="",
+  )
+  env.pop("XLA_FLAGS", None)  # train_step.py asks for 8 host devices itself
+  proc = subprocess.run(
+    [sys.executable, os.path.join("benchmarks", script), *args],
+    cwd=REPO,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=900,
+  )
   assert proc.returncode == 0, proc.stderr[-5000:]
   return proc.stdout
 
 
 def test_moe_vs_dense_prints_a_ratio(prepared_data_dir):
-  out = _run("moe_vs_dense.py", prepared_data_dir, "--moe_gin=models/tiny.gin",
-             "--dense_gin=models/tiny_dense.gin", "--vocab_size=256", "--batch=8", "--length=64",
-             "--steps=2", "--rounds=1")
+  out = _run(
+    "moe_vs_dense.py",
+    prepared_data_dir,
+    "--moe_gin=models/tiny.gin",
+    "--dense_gin=models/tiny_dense.gin",
+    "--vocab_size=256",
+    "--batch=8",
+    "--length=64",
+    "--steps=2",
+    "--rounds=1",
+  )
   ratio = re.search(r"ratio moe/dense = ([0-9.]+)", out)
   assert ratio and float(ratio.group(1)) > 0, out
 
 
 def test_train_step_prints_mesh_ratios(prepared_data_dir):
-  out = _run("train_step.py", prepared_data_dir, "--gin_file=models/tiny.gin", "--batch=8",
-             "--length=64", "--steps=2", "--rounds=1")
+  out = _run(
+    "train_step.py",
+    prepared_data_dir,
+    "--gin_file=models/tiny.gin",
+    "--batch=8",
+    "--length=64",
+    "--steps=2",
+    "--rounds=1",
+  )
   assert re.search(r"ratio 8 / 1 device: tokens/s x[0-9.]+", out), out
   assert re.search(r"outside-jit fraction \(worst mesh\): [0-9.]+%", out), out
+
+
+def test_checkpoint_verify_prints_throughput_and_glam_estimate(tmp_path):
+  out = _run(
+    "checkpoint_verify.py",
+    str(tmp_path),
+    "--size_mb=4",
+    "--leaves=4",
+    "--rounds=1",
+    f"--dir={tmp_path}",
+  )
+  assert re.search(r"checksum throughput: [0-9]+ MB/s warm, ([0-9]+|nan) MB/s cold", out), out
+  # The GLaM 0.1B/64E train state, from abstract shapes: float32 params + factored Adafactor state.
+  assert re.search(
+    r"models/glam_0.1b_64e.gin: params 2,262,092,544 \(float32, 9.05 GB\) \+ "
+    r"adafactor state 32,134,436 values \(0.13 GB\) = train state 9.18 GB",
+    out,
+  ), out
+  assert re.search(r"estimated full verification .*: [0-9.]+ s warm", out), out
+  assert os.listdir(tmp_path) == []  # the measured checkpoint is removed
+
+
+def _run_no_data(script, *args):
+  env = dict(os.environ, NO_GCE_CHECK="true", TF_CPP_MIN_LOG_LEVEL="2", CUDA_VISIBLE_DEVICES="")
+  env.pop("XLA_FLAGS", None)
+  proc = subprocess.run(
+    [sys.executable, os.path.join("benchmarks", script), *args],
+    cwd=REPO,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=900,
+  )
+  assert proc.returncode == 0, proc.stderr[-5000:]
+  return proc.stdout
+
+
+def test_moe_layer_benchmark_prints_ratios_and_memory():
+  out = _run_no_data(
+    "moe_layer.py",
+    "--configs=e8,e64",
+    "--embed=16",
+    "--mlp=32",
+    "--group_size=32",
+    "--tokens=64",
+    "--steps=1",
+    "--rounds=1",
+  )
+  for dispatch in ("einsum", "sort", "ragged"):
+    assert re.search(rf"{dispatch} +fwd\+bwd +[0-9,]+ tokens/s +x *[0-9.]+ +temp memory", out), out
+  assert "skipping 'ragged' on CPU" in out  # E=64 on CPU
+
+
+def test_moe_vs_dense_with_more_experts_and_dispatches():
+  out = _run_no_data(
+    "moe_vs_dense.py",
+    "--moe_gin=models/tiny.gin",
+    "--dense_gin=models/tiny_dense.gin",
+    "--vocab_size=256",
+    "--batch=8",
+    "--length=64",
+    "--steps=1",
+    "--rounds=1",
+    "--num_experts=16",
+    "--dispatches=einsum,sort",
+  )
+  assert "MoE: 16 experts" in out, out
+  assert re.search(r"ratio moe_sort/dense = [0-9.]+", out), out
+  assert re.search(r"ratio moe/dense = [0-9.]+ \(best dispatch: \w+", out), out
+
+
+def test_mfu_reports_achieved_flops_on_cpu():
+  shrink = [
+    "vocab_size = 256",
+    "num_layers = 2",
+    "embed_dim = 32",
+    "num_heads = 2",
+    "head_dim = 16",
+    "mlp_dim = 64",
+    "num_experts = 8",
+    "group_size = 64",
+  ]
+  out = _run_no_data(
+    "mfu.py",
+    "--batch=2",
+    "--length=64",
+    "--steps=1",
+    "--rounds=1",
+    "--dispatches=einsum,sort",
+    *[f"--gin_param=ModelConfig.{b}" for b in shrink],
+  )
+  for dispatch in ("einsum", "sort"):
+    assert re.search(rf"{dispatch} +step +[0-9.]+ ms .* GFLOP/s +MFU n/a", out), out
+
+
+def test_router_init_step0_prints_the_step0_table(prepared_data_dir, tmp_path):
+  """A tiny MoE trained 2 steps here, expanded with every router_init and evaluated before/after."""
+  import dataclasses  # pylint: disable=import-outside-toplevel
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  from lifelong_moe_jax import checkpoints  # pylint: disable=import-outside-toplevel
+  from lifelong_moe_jax import partitioning  # pylint: disable=import-outside-toplevel
+  from lifelong_moe_jax.data import vocab as vocab_lib  # pylint: disable=import-outside-toplevel
+  from lifelong_moe_jax.models import lm  # pylint: disable=import-outside-toplevel
+  from lifelong_moe_jax.models.config import ModelConfig  # pylint: disable=import-outside-toplevel
+  from lifelong_moe_jax.training import optimizers  # pylint: disable=import-outside-toplevel
+  from lifelong_moe_jax.training import trainer as trainer_lib  # pylint: disable=import-outside-toplevel
+
+  vocab = vocab_lib.get_vocabulary(data_dir=prepared_data_dir)
+  config = ModelConfig(
+    vocab_size=vocab.vocab_size,
+    embed_dim=16,
+    num_layers=2,
+    num_heads=2,
+    head_dim=8,
+    mlp_dim=32,
+    num_experts=2,
+    group_size=32,
+    max_length=32,
+  )
+  trainer = trainer_lib.Trainer(
+    lm.LanguageModel(config),
+    partitioning.Partitioner(partitioning.create_mesh(partitioning.MeshConfig())),
+    optimizers.create_optimizer(name="adafactor"),
+  )
+  state = trainer.init_state()
+  rng = np.random.default_rng(0)
+  for _ in range(2):
+    tokens = rng.integers(1, vocab.vocab_size, (8, 32)).astype(np.int32)
+    state, _ = trainer.train_step(
+      state, trainer.global_batch({"decoder_input_tokens": tokens, "decoder_target_tokens": tokens})
+    )
+  model_dir = str(tmp_path / "tiny")
+  checkpoints.save_state(
+    model_dir,
+    2,
+    state,
+    {
+      "model_config": dataclasses.asdict(config),
+      "optimizer": "adafactor",
+      "vocabulary_fingerprint": vocab_lib.vocabulary_fingerprint(vocab),
+    },
+  )
+  out = _run(
+    "router_init_step0.py",
+    prepared_data_dir,
+    f"--checkpoint={model_dir}",
+    f"--data_dir={prepared_data_dir}",
+    "--mixture=lifelong_dialog_en",
+    "--eval_tasks=lifelong_wiki_en,lifelong_dialog_en",
+    "--add_experts=2",
+    "--length=32",
+    "--eval_batch=2",
+    "--eval_batches=1",
+    "--mean_batches=1",
+    "--router_offsets=1,4",
+  )
+  assert "2 -> 4 experts per MoE layer" in out, out
+  for label in ("copy", r"copy_offset \(1\)", r"copy_offset \(4\)", "zero", "small_random"):
+    assert re.search(
+      rf"\| {label} \| [+-][0-9.]+% \| [0-9.]+% \| [+-][0-9.]+% \| [0-9.]+% \|", out
+    ), out

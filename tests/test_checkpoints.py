@@ -1,4 +1,5 @@
 """Checkpoint glue: sharded round trip, data position, metadata, mismatch errors (in-process)."""
+
 import dataclasses
 import os
 
@@ -15,15 +16,26 @@ from lifelong_moe_jax.models.config import ModelConfig
 from lifelong_moe_jax.training import optimizers
 from lifelong_moe_jax.training import trainer as trainer_lib
 
-CFG = ModelConfig(vocab_size=64, embed_dim=32, num_layers=2, num_heads=2, head_dim=16, mlp_dim=64,
-                  num_experts=8, group_size=32, max_length=64)
+CFG = ModelConfig(
+  vocab_size=64,
+  embed_dim=32,
+  num_layers=2,
+  num_heads=2,
+  head_dim=16,
+  mlp_dim=64,
+  num_experts=8,
+  group_size=32,
+  max_length=64,
+)
 
 
 def _trainer(config=CFG):
   opt = optimizers.create_optimizer(
-      "adafactor", optimizers.learning_rate_schedule("constant", 1e-3, warmup_steps=0))
-  return trainer_lib.Trainer(lm.LanguageModel(config),
-                             pt.Partitioner(pt.create_mesh(pt.MeshConfig(2, 4, 1))), opt, seed=5)
+    "adafactor", optimizers.learning_rate_schedule("constant", 1e-3, warmup_steps=0)
+  )
+  return trainer_lib.Trainer(
+    lm.LanguageModel(config), pt.Partitioner(pt.create_mesh(pt.MeshConfig(2, 4, 1))), opt, seed=5
+  )
 
 
 @pytest.fixture(scope="module")
@@ -37,9 +49,16 @@ def saved(tmp_path_factory):
   for _ in range(3):
     next(it)
   ckpt = checkpoints.Checkpointer(model_dir, checkpoints.CheckpointConfig(save_interval_steps=1))
-  ckpt.save(3, state, {"vocabulary_fingerprint": "byte:extra_ids=0",
-                       "model_config": dataclasses.asdict(CFG), "phase_record": {"phase": 1}},
-            data_iterator=it)
+  ckpt.save(
+    3,
+    state,
+    {
+      "vocabulary_fingerprint": "byte:extra_ids=0",
+      "model_config": dataclasses.asdict(CFG),
+      "phase_record": {"phase": 1},
+    },
+    data_iterator=it,
+  )
   expected_next = [next(it)["x"] for _ in range(3)]
   ckpt.save(7, state, {"vocabulary_fingerprint": "byte:extra_ids=0"})
   ckpt.close()
@@ -51,16 +70,17 @@ def test_sharded_round_trip_and_metadata(saved):
   assert checkpoints.Checkpointer(model_dir).all_steps() == [3, 7]
   step_dir = checkpoints.resolve_step_dir(model_dir, step=3)
   assert checkpoints.read_metadata(step_dir)["phase_record"] == {"phase": 1}
-  assert checkpoints.read_metadata(model_dir)["step"] == 7   # latest
+  assert checkpoints.read_metadata(model_dir)["step"] == 7  # latest
   assert checkpoints.read_metadata(os.path.join(model_dir, "checkpoints"))["step"] == 7
   restored = checkpoints.restore_tree(step_dir, trainer.abstract_state)
   wi = restored.params["layers_1"]["moe"]["wi"]
   assert wi.sharding == trainer.state_shardings.params["layers_1"]["moe"]["wi"]
-  assert {s.data.shape for s in wi.addressable_shards} == {(2, 32, 64)}   # never gathered
+  assert {s.data.shape for s in wi.addressable_shards} == {(2, 32, 64)}  # never gathered
   jax.tree_util.tree_map(np.testing.assert_array_equal, jax.device_get(restored), state)
   params = checkpoints.restore_params(step_dir, trainer.abstract_state.params)
-  np.testing.assert_array_equal(jax.device_get(params["layers_1"]["moe"]["wi"]),
-                                state.params["layers_1"]["moe"]["wi"])
+  np.testing.assert_array_equal(
+    jax.device_get(params["layers_1"]["moe"]["wi"]), state.params["layers_1"]["moe"]["wi"]
+  )
 
 
 def test_data_position_round_trip(saved):
@@ -79,15 +99,21 @@ def test_mismatch_names_params_and_config_difference(saved):
     checkpoints.restore_tree(step_dir, other.abstract_state)
   message = str(err.value)
   listed = [line.strip() for line in message.splitlines()[1:] if line.startswith("  ")]
-  assert listed[0] == "params/layers_1/moe/router/kernel: checkpoint shape (32, 8) vs model shape " \
-      "(32, 4)", message
-  assert "params/layers_1/moe/wi: checkpoint shape (8, 32, 64) vs model shape (4, 32, 64)" in message
+  assert (
+    listed[0] == "params/layers_1/moe/router/kernel: checkpoint shape (32, 8) vs model shape "
+    "(32, 4)"
+  ), message
+  assert (
+    "params/layers_1/moe/wi: checkpoint shape (8, 32, 64) vs model shape (4, 32, 64)" in message
+  )
   assert any(line.startswith("opt_state/") for line in listed), message
   assert "num_experts: checkpoint 8 vs current 4" not in message  # only with model_config given
-  with pytest.raises(checkpoints.CheckpointMismatchError, match="num_experts: checkpoint 8 vs "
-                     "current 4"):
-    checkpoints.restore_params(step_dir, other.abstract_state.params,
-                               model_config=dataclasses.asdict(other.model.config))
+  with pytest.raises(
+    checkpoints.CheckpointMismatchError, match="num_experts: checkpoint 8 vs current 4"
+  ):
+    checkpoints.restore_params(
+      step_dir, other.abstract_state.params, model_config=dataclasses.asdict(other.model.config)
+    )
   # The trainer resumes from its own folder the same way: an error, never a re-initialisation.
   with pytest.raises(checkpoints.CheckpointMismatchError, match="params/"):
     other.restore_or_initialize(checkpoints.Checkpointer(model_dir))
@@ -96,10 +122,13 @@ def test_mismatch_names_params_and_config_difference(saved):
 def test_vocabulary_fingerprint_mismatch(saved):
   model_dir, trainer, _, _, _ = saved
   with pytest.raises(ValueError, match="Vocabulary mismatch"):
-    trainer.restore_or_initialize(checkpoints.Checkpointer(model_dir),
-                                  vocabulary_fingerprint="sentencepiece:sha256=abc:extra_ids=0")
-  start = trainer.restore_or_initialize(checkpoints.Checkpointer(model_dir),
-                                        vocabulary_fingerprint="byte:extra_ids=0")
+    trainer.restore_or_initialize(
+      checkpoints.Checkpointer(model_dir),
+      vocabulary_fingerprint="sentencepiece:sha256=abc:extra_ids=0",
+    )
+  start = trainer.restore_or_initialize(
+    checkpoints.Checkpointer(model_dir), vocabulary_fingerprint="byte:extra_ids=0"
+  )
   assert start.source == "resumed" and start.step_dir.endswith("7")
 
 
@@ -109,8 +138,10 @@ def test_restore_modes_from_explicit_path(saved):
   assert full.source == "restored-full"
   params_only = trainer.restore_or_initialize(None, restore_checkpoint_path=model_dir)
   assert params_only.source == "restored-params" and int(params_only.state.step) == 0
-  np.testing.assert_array_equal(jax.device_get(params_only.state.params["layers_0"]["mlp"]["wi"]),
-                                state.params["layers_0"]["mlp"]["wi"])
+  np.testing.assert_array_equal(
+    jax.device_get(params_only.state.params["layers_0"]["mlp"]["wi"]),
+    state.params["layers_0"]["mlp"]["wi"],
+  )
   with pytest.raises(ValueError, match="restore_mode"):
     trainer.restore_or_initialize(None, restore_checkpoint_path=model_dir, restore_mode="some")
 
@@ -129,13 +160,15 @@ def test_relative_model_dir_saves_and_restores(tmp_path, monkeypatch):
   monkeypatch.chdir(tmp_path)
   trainer = _trainer()
   state = trainer.init_state()
-  ckpt = checkpoints.Checkpointer(os.path.join(".", "runs", "rel"),
-                                  checkpoints.CheckpointConfig(save_interval_steps=1))
+  ckpt = checkpoints.Checkpointer(
+    os.path.join(".", "runs", "rel"), checkpoints.CheckpointConfig(save_interval_steps=1)
+  )
   ckpt.save(2, state, {"vocabulary_fingerprint": "byte:extra_ids=0"})
   ckpt.close()
   assert os.path.isdir(tmp_path / "runs" / "rel" / "checkpoints" / "2")
   step_dir = checkpoints.resolve_step_dir("runs/rel")
   assert os.path.isabs(step_dir)
   restored = checkpoints.restore_params("runs/rel/checkpoints/2", trainer.abstract_state.params)
-  jax.tree_util.tree_map(np.testing.assert_array_equal, jax.device_get(restored),
-                         jax.device_get(state.params))
+  jax.tree_util.tree_map(
+    np.testing.assert_array_equal, jax.device_get(restored), jax.device_get(state.params)
+  )

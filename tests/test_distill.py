@@ -1,4 +1,5 @@
 """Distillation loss vs a NumPy reference; no gradient reaches the teacher."""
+
 import dataclasses
 import types
 
@@ -8,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lifelong_moe_jax.lifelong import surgery
+from lifelong_moe_jax.lifelong import expansion
 from lifelong_moe_jax.lifelong.distill import Distillation, distillation_loss
 from lifelong_moe_jax.models.config import ModelConfig
 from lifelong_moe_jax.models.lm import LanguageModel
@@ -19,6 +20,7 @@ def _numpy_reference(student, teacher, weights, t):
     x = x / t
     x = x - x.max(axis=-1, keepdims=True)
     return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
+
   lp, lq = log_softmax(teacher.astype(np.float64)), log_softmax(student.astype(np.float64))
   kl = (np.exp(lp) * (lp - lq)).sum(-1)
   return t * t * (kl * weights).sum() / max(weights.sum(), 1.0)
@@ -30,48 +32,76 @@ def test_distillation_loss_equals_numpy_reference(temperature):
   student = rng.standard_normal((3, 5, 11)).astype(np.float32) * 3
   teacher = rng.standard_normal((3, 5, 11)).astype(np.float32) * 3
   weights = (rng.random((3, 5)) > 0.3).astype(np.float32)
-  got = distillation_loss(jnp.asarray(student), jnp.asarray(teacher), jnp.asarray(weights),
-                          temperature)
+  got = distillation_loss(
+    jnp.asarray(student), jnp.asarray(teacher), jnp.asarray(weights), temperature
+  )
   assert got.dtype == jnp.float32 and got.shape == ()
-  np.testing.assert_allclose(float(got), _numpy_reference(student, teacher, weights, temperature),
-                             rtol=1e-5)
+  np.testing.assert_allclose(
+    float(got), _numpy_reference(student, teacher, weights, temperature), rtol=1e-5
+  )
   # bfloat16 logits are computed in float32.
-  got16 = distillation_loss(jnp.asarray(student, jnp.bfloat16), jnp.asarray(teacher, jnp.bfloat16),
-                            jnp.asarray(weights), temperature)
+  got16 = distillation_loss(
+    jnp.asarray(student, jnp.bfloat16),
+    jnp.asarray(teacher, jnp.bfloat16),
+    jnp.asarray(weights),
+    temperature,
+  )
   assert got16.dtype == jnp.float32
   # Zero for identical distributions, and only weighted tokens count.
-  assert float(distillation_loss(jnp.asarray(teacher), jnp.asarray(teacher),
-                                 jnp.asarray(weights), temperature)) == pytest.approx(0, abs=1e-6)
+  assert float(
+    distillation_loss(jnp.asarray(teacher), jnp.asarray(teacher), jnp.asarray(weights), temperature)
+  ) == pytest.approx(0, abs=1e-6)
   masked = student.copy()
   masked[weights == 0] += 100.0
-  np.testing.assert_allclose(float(distillation_loss(jnp.asarray(masked), jnp.asarray(teacher),
-                                                     jnp.asarray(weights), temperature)),
-                             float(got), rtol=1e-5)
+  np.testing.assert_allclose(
+    float(
+      distillation_loss(
+        jnp.asarray(masked), jnp.asarray(teacher), jnp.asarray(weights), temperature
+      )
+    ),
+    float(got),
+    rtol=1e-5,
+  )
   with pytest.raises(ValueError, match="temperature"):
     distillation_loss(jnp.asarray(student), jnp.asarray(teacher), jnp.asarray(weights), 0.0)
 
 
 def test_gradient_flows_to_student_only_through_the_regularizer_hook():
-  cfg = ModelConfig(vocab_size=32, embed_dim=16, num_layers=2, num_heads=2, head_dim=8,
-                    mlp_dim=16, num_experts=2, top_k=2, group_size=16)
+  cfg = ModelConfig(
+    vocab_size=32,
+    embed_dim=16,
+    num_layers=2,
+    num_heads=2,
+    head_dim=8,
+    mlp_dim=16,
+    num_experts=2,
+    top_k=2,
+    group_size=16,
+  )
   teacher_model = LanguageModel(cfg)
-  student_model = LanguageModel(surgery.expanded_config(cfg, 2))
+  student_model = LanguageModel(expansion.expanded_config(cfg, 2))
   abstract = teacher_model.abstract_params()
   rng = np.random.default_rng(0)
-  teacher = jax.tree_util.tree_map(lambda a: (0.3 * rng.standard_normal(a.shape)).astype(a.dtype),
-                                   nn.unbox(abstract))
+  teacher = jax.tree_util.tree_map(
+    lambda a: (0.3 * rng.standard_normal(a.shape)).astype(a.dtype), nn.unbox(abstract)
+  )
   axes = nn.get_partition_spec(abstract)
-  student = surgery.expand_params(teacher, axes, 2, rng=jax.random.PRNGKey(0), noise_scale=0.5)
+  student = expansion.expand_params(teacher, axes, 2, rng=jax.random.PRNGKey(0), noise_scale=0.5)
   reg = Distillation(teacher_model, teacher, temperature=2.0, weight=0.5)
   ctx = types.SimpleNamespace(model=student_model, params=student, params_axes=None, step=0)
   aux, aux_axes = reg.init_state(ctx)
   assert aux is teacher
-  assert jax.tree_util.tree_structure(aux_axes, is_leaf=lambda x: isinstance(
-      x, jax.sharding.PartitionSpec)) == jax.tree_util.tree_structure(
-          axes, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
+  assert jax.tree_util.tree_structure(
+    aux_axes, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec)
+  ) == jax.tree_util.tree_structure(
+    axes, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec)
+  )
   toks = jax.random.randint(jax.random.PRNGKey(1), (2, 8), 1, 32)
-  batch = {"decoder_input_tokens": toks, "decoder_target_tokens": jnp.roll(toks, -1, axis=1),
-           "decoder_loss_weights": jnp.ones((2, 8)).at[:, -1].set(0)}
+  batch = {
+    "decoder_input_tokens": toks,
+    "decoder_target_tokens": jnp.roll(toks, -1, axis=1),
+    "decoder_loss_weights": jnp.ones((2, 8)).at[:, -1].set(0),
+  }
 
   @jax.jit
   def run(s, t):
@@ -79,11 +109,13 @@ def test_gradient_flows_to_student_only_through_the_regularizer_hook():
       logits = student_model.logits(s, batch)
       term, metrics = reg(s, batch, logits, t, jax.random.PRNGKey(3))
       return term, (metrics, logits, reg.teacher_logits(t, batch))
+
     return jax.grad(objective, argnums=(0, 1), has_aux=True)(s, t)
 
   (g_student, g_teacher), (metrics, s_logits, t_logits) = run(student, teacher)
-  expected = _numpy_reference(np.asarray(s_logits), np.asarray(t_logits),
-                              np.asarray(batch["decoder_loss_weights"]), 2.0)
+  expected = _numpy_reference(
+    np.asarray(s_logits), np.asarray(t_logits), np.asarray(batch["decoder_loss_weights"]), 2.0
+  )
   np.testing.assert_allclose(float(metrics["kl"]), expected, rtol=1e-4)
   assert all(not np.any(np.asarray(g)) for g in jax.tree_util.tree_leaves(g_teacher))
   assert sum(float(jnp.sum(jnp.abs(g))) for g in jax.tree_util.tree_leaves(g_student)) > 0

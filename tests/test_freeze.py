@@ -1,4 +1,5 @@
 """Partial freezing: masks by logical axis, and exactly zero updates under real optimizers."""
+
 import dataclasses
 
 import flax.linen as nn
@@ -13,21 +14,47 @@ from lifelong_moe_jax.lifelong import freeze
 from lifelong_moe_jax.models.config import ModelConfig
 from lifelong_moe_jax.models.lm import LanguageModel
 
-CFG = ModelConfig(vocab_size=32, embed_dim=16, num_layers=2, num_heads=2, head_dim=8, mlp_dim=16,
-                  num_experts=4, top_k=2, group_size=16, router_jitter=0.1)
+CFG = ModelConfig(
+  vocab_size=32,
+  embed_dim=16,
+  num_layers=2,
+  num_heads=2,
+  head_dim=8,
+  mlp_dim=16,
+  num_experts=4,
+  top_k=2,
+  group_size=16,
+  router_jitter=0.1,
+)
 
 
 def _synthetic():
   rng = np.random.default_rng(0)
-  params = {"blocks": {"layer_1": {"moe": {"wi": rng.standard_normal((3, 4, 5, 6)),
-                                           "router": {"kernel": rng.standard_normal((3, 5, 4))}},
-                                   "norm": rng.standard_normal((3, 5))}},
-            "embed": rng.standard_normal((7, 5))}
+  params = {
+    "blocks": {
+      "layer_1": {
+        "moe": {
+          "wi": rng.standard_normal((3, 4, 5, 6)),
+          "router": {"kernel": rng.standard_normal((3, 5, 4))},
+        },
+        "norm": rng.standard_normal((3, 5)),
+      }
+    },
+    "embed": rng.standard_normal((7, 5)),
+  }
   params = jax.tree_util.tree_map(lambda x: x.astype(np.float32), params)
-  axes = {"blocks": {"layer_1": {"moe": {"wi": P("layers", "expert", "embed", "mlp"),
-                                         "router": {"kernel": P("layers", "embed", "expert")}},
-                                 "norm": P("layers", "embed")}},
-          "embed": P("vocab", "embed")}
+  axes = {
+    "blocks": {
+      "layer_1": {
+        "moe": {
+          "wi": P("layers", "expert", "embed", "mlp"),
+          "router": {"kernel": P("layers", "embed", "expert")},
+        },
+        "norm": P("layers", "embed"),
+      }
+    },
+    "embed": P("vocab", "embed"),
+  }
   return params, axes
 
 
@@ -43,8 +70,10 @@ def test_mask_marks_old_expert_slices_router_columns_and_optionally_shared_param
   assert shared["embed"].all() and shared["blocks"]["layer_1"]["norm"].all()
   full = freeze.materialize_mask(shared, params)
   assert full["blocks"]["layer_1"]["moe"]["wi"].shape == (3, 4, 5, 6)
-  assert freeze.frozen_count(mask, params) == (3 * 2 * 5 * 6 + 3 * 5 * 2, sum(
-      x.size for x in jax.tree_util.tree_leaves(params)))
+  assert freeze.frozen_count(mask, params) == (
+    3 * 2 * 5 * 6 + 3 * 5 * 2,
+    sum(x.size for x in jax.tree_util.tree_leaves(params)),
+  )
   # Per-layer counts on a scanned leaf: one row per block.
   per_layer = freeze.freeze_mask(params, axes, [1, 2, 3])
   wi = per_layer["blocks"]["layer_1"]["moe"]["wi"]
@@ -72,7 +101,8 @@ def test_frozen_entries_ignore_their_optimizer_state_and_weight_decay():
     assert np.all(u[m] == 0) and np.all(u[~m] != 0)
   # The wrapped optimizer keeps the inner optimizer's state structure (checkpoint compatible).
   assert jax.tree_util.tree_structure(state) == jax.tree_util.tree_structure(
-      optax.adamw(1e-1).init(params))
+    optax.adamw(1e-1).init(params)
+  )
   assert freeze.with_frozen(tx, None) is tx
 
 
@@ -88,6 +118,7 @@ def _train(model, params, mask, tx, steps=20):
       grads = jax.grad(lambda p: model.loss(p, batch, train=True, rng=rng)[0])(params)
       updates, opt_state = tx.update(grads, opt_state, params)
       return (optax.apply_updates(params, updates), opt_state), None
+
     rngs = jax.random.split(jax.random.PRNGKey(2), steps)
     return jax.lax.scan(step, (params, opt_state), rngs)[0][0]
 
@@ -101,27 +132,38 @@ def test_twenty_training_steps_leave_frozen_slices_and_router_columns_bit_identi
   axes = nn.get_partition_spec(abstract)
   rng = np.random.default_rng(0)
   params = jax.tree_util.tree_map(
-      lambda a: (0.3 * rng.standard_normal(a.shape)).astype(a.dtype), nn.unbox(abstract))
-  tx = (optax.adamw(1e-2, weight_decay=0.1) if opt == "adamw"
-        else optax.adafactor(1e-2, min_dim_size_to_factor=4, weight_decay_rate=0.1))
+    lambda a: (0.3 * rng.standard_normal(a.shape)).astype(a.dtype), nn.unbox(abstract)
+  )
+  tx = (
+    optax.adamw(1e-2, weight_decay=0.1)
+    if opt == "adamw"
+    else optax.adafactor(1e-2, min_dim_size_to_factor=4, weight_decay_rate=0.1)
+  )
   mask = freeze.freeze_mask(params, axes, 2)
   trained = _train(model, params, mask, tx)
   moe_path = ("blocks", "layer_1", "moe") if scanned else ("layers_1", "moe")
+
   def moe(tree):
     for k in moe_path:
       tree = tree[k]
     return tree
+
   ax = 1 if scanned else 0
   for name in ("wi", "wo"):
     old, new = np.asarray(moe(params)[name]), np.asarray(moe(trained)[name])
-    np.testing.assert_array_equal(np.take(new, [0, 1], axis=ax).view(np.uint32),
-                                  np.take(old, [0, 1], axis=ax).view(np.uint32))
+    np.testing.assert_array_equal(
+      np.take(new, [0, 1], axis=ax).view(np.uint32), np.take(old, [0, 1], axis=ax).view(np.uint32)
+    )
     assert np.all(np.take(new, [2, 3], axis=ax) != np.take(old, [2, 3], axis=ax))
   old_r = np.asarray(moe(params)["router"]["kernel"])
   new_r = np.asarray(moe(trained)["router"]["kernel"])
   np.testing.assert_array_equal(new_r[..., :2].view(np.uint32), old_r[..., :2].view(np.uint32))
   assert np.all(new_r[..., 2:] != old_r[..., 2:])
   # Shared params train.
-  changed = [not np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(
-      jax.tree_util.tree_leaves(params["embed"]), jax.tree_util.tree_leaves(trained["embed"]))]
+  changed = [
+    not np.array_equal(np.asarray(a), np.asarray(b))
+    for a, b in zip(
+      jax.tree_util.tree_leaves(params["embed"]), jax.tree_util.tree_leaves(trained["embed"])
+    )
+  ]
   assert all(changed)

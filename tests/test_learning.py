@@ -1,4 +1,5 @@
 """A 50-step loop on the tiny config on real English text lowers the loss."""
+
 import pathlib
 
 import flax.linen as nn
@@ -19,13 +20,21 @@ def _real_text_batches(batch_size=8, length=64):
   rng = np.random.default_rng(0)
   while True:
     starts = rng.integers(0, len(data) - length - 1, batch_size)
-    rows = np.stack([data[s:s + length + 1] for s in starts])
+    rows = np.stack([data[s : s + length + 1] for s in starts])
     yield {"decoder_input_tokens": rows[:, :-1], "decoder_target_tokens": rows[:, 1:]}
 
 
 def test_fifty_steps_on_real_text_lower_the_loss():
-  cfg = ModelConfig(vocab_size=259, embed_dim=64, num_layers=2, num_heads=2, head_dim=32, mlp_dim=128,
-                    num_experts=4, group_size=128)
+  cfg = ModelConfig(
+    vocab_size=259,
+    embed_dim=64,
+    num_layers=2,
+    num_heads=2,
+    head_dim=32,
+    mlp_dim=128,
+    num_experts=4,
+    group_size=128,
+  )
   model = LanguageModel(cfg)
   params = nn.unbox(model.init(jax.random.PRNGKey(0)))
   tx = optax.adamw(3e-3)
@@ -34,7 +43,8 @@ def test_fifty_steps_on_real_text_lower_the_loss():
   @jax.jit
   def step(params, opt_state, batch, rng):
     (loss, metrics), grads = jax.value_and_grad(
-        lambda p: model.loss(p, batch, train=True, rng=rng), has_aux=True)(params)
+      lambda p: model.loss(p, batch, train=True, rng=rng), has_aux=True
+    )(params)
     updates, opt_state = tx.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state, metrics
 

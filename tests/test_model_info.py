@@ -1,10 +1,10 @@
 """model_info: GLaM-scale counts from abstract evaluation; gin errors are clear and early."""
+
 import os
 import subprocess
 import sys
 
 import gin
-import pytest
 
 from lifelong_moe_jax import gin_utils
 from lifelong_moe_jax.model_info import model_info
@@ -25,7 +25,13 @@ def _config(gin_file):
 def test_glam_configs_match_the_paper_architecture_without_allocating():
   cfg = _config("models/glam_1.7b_64e.gin")
   info = model_info(cfg, length=1024)  # 27.6B params: would need 110 GB if materialised
-  assert (cfg.num_layers, cfg.embed_dim, cfg.mlp_dim, cfg.num_heads, cfg.num_experts) == (24, 2048, 8192, 16, 64)
+  assert (cfg.num_layers, cfg.embed_dim, cfg.mlp_dim, cfg.num_heads, cfg.num_experts) == (
+    24,
+    2048,
+    8192,
+    16,
+    64,
+  )
   assert cfg.num_moe_layers == 12
   experts = 12 * 64 * 2 * 2048 * 8192
   assert info.expert_params == experts
@@ -46,8 +52,14 @@ def test_demo_dense_counterpart_has_the_same_activated_flops():
 
 def _cli(*args):
   env = dict(os.environ, JAX_PLATFORMS="cpu")
-  return subprocess.run([sys.executable, "-m", "lifelong_moe_jax.model_info", *args], cwd=REPO, env=env,
-                        capture_output=True, text=True, timeout=300)
+  return subprocess.run(
+    [sys.executable, "-m", "lifelong_moe_jax.model_info", *args],
+    cwd=REPO,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
 
 
 def test_cli_prints_counts_and_rejects_unknown_bindings():
@@ -58,6 +70,10 @@ def test_cli_prints_counts_and_rejects_unknown_bindings():
   assert bad.returncode != 0
   assert "num_expertz" in bad.stderr and "Invalid gin configuration" in bad.stderr
   missing = _cli("--gin_file=models/nope.gin")
-  assert missing.returncode != 0 and "models/nope.gin" in missing.stderr and "not found" in missing.stderr
+  assert (
+    missing.returncode != 0
+    and "models/nope.gin" in missing.stderr
+    and "not found" in missing.stderr
+  )
   top_k = _cli("--gin_file=models/tiny.gin", "--gin.ModelConfig.top_k=9")
   assert top_k.returncode != 0 and "top_k=9 exceeds num_experts=8" in top_k.stderr

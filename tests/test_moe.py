@@ -1,4 +1,5 @@
 """MoeLayer against a naive reference that runs every token through its chosen experts."""
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -28,18 +29,27 @@ def naive_moe(x, params, top_k, normalize, token_mask):
   return out
 
 
-@pytest.mark.parametrize("top_k,normalize,group_size", [(2, True, 8), (1, False, 32), (2, False, 16)])
+@pytest.mark.parametrize(
+  "top_k,normalize,group_size", [(2, True, 8), (1, False, 32), (2, False, 16)]
+)
 def test_moe_equals_naive_reference_without_drops(top_k, normalize, group_size):
-  layer = MoeLayer(num_experts=4, mlp_dim=16, top_k=top_k, group_size=group_size,
-                   eval_capacity_factor=4.0 / top_k, normalize_gates=normalize)  # capacity = group
+  layer = MoeLayer(
+    num_experts=4,
+    mlp_dim=16,
+    top_k=top_k,
+    group_size=group_size,
+    eval_capacity_factor=4.0 / top_k,
+    normalize_gates=normalize,
+  )  # capacity = group
   x = jax.random.normal(jax.random.PRNGKey(0), (2, 16, 8))
   mask = np.ones((2, 16), bool)
   mask[1, 12:] = False  # padding tokens are not routed and produce zeros
   variables = layer.init(jax.random.PRNGKey(1), x, jnp.asarray(mask))
   params = nn.unbox(variables["params"])
   y, state = layer.apply({"params": params}, x, jnp.asarray(mask), mutable=["intermediates"])
-  np.testing.assert_allclose(np.asarray(y), naive_moe(x, params, top_k, normalize, mask),
-                             rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(
+    np.asarray(y), naive_moe(x, params, top_k, normalize, mask), rtol=1e-4, atol=1e-5
+  )
   assert float(state["intermediates"]["dropped_fraction"][0]) == 0.0
   assert params["wi"].shape == (4, 8, 16) and params["wo"].shape == (4, 16, 8)
   spec = nn.get_partition_spec(variables["params"])

@@ -1,4 +1,5 @@
 """L2 / EWC anchor penalties and the empirical Fisher, against NumPy."""
+
 import types
 
 import jax
@@ -7,19 +8,25 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
+from lifelong_moe_jax import param_tree
 from lifelong_moe_jax.lifelong import penalties
-from lifelong_moe_jax.lifelong import surgery
 
 E, N = 3, 2
 
 
 def _params(seed=0, num_experts=E):
   rng = np.random.default_rng(seed)
-  params = {"moe": {"wi": rng.standard_normal((num_experts, 4, 5)).astype(np.float32),
-                    "router": rng.standard_normal((4, num_experts)).astype(np.float32)},
-            "norm": rng.standard_normal((4,)).astype(np.float32)}
-  axes = {"moe": {"wi": P("expert", "embed", "mlp"), "router": P("embed", "expert")},
-          "norm": P("embed")}
+  params = {
+    "moe": {
+      "wi": rng.standard_normal((num_experts, 4, 5)).astype(np.float32),
+      "router": rng.standard_normal((4, num_experts)).astype(np.float32),
+    },
+    "norm": rng.standard_normal((4,)).astype(np.float32),
+  }
+  axes = {
+    "moe": {"wi": P("expert", "embed", "mlp"), "router": P("embed", "expert")},
+    "norm": P("embed"),
+  }
   return params, axes
 
 
@@ -46,9 +53,11 @@ def test_l2_penalty_matches_numpy_and_anchors_only_old_slices_after_expansion():
   distance = penalties.quadratic_distance(expanded, grown)
   ex = {k: np.asarray(v, np.float64) for k, v in expanded["moe"].items()}
   an = {k: np.asarray(v, np.float64) for k, v in anchor_params["moe"].items()}
-  expected = (((ex["wi"][:E] - an["wi"]) ** 2).sum()
-              + ((ex["router"][:, :E] - an["router"]) ** 2).sum()
-              + ((np.asarray(expanded["norm"], np.float64) - anchor_params["norm"]) ** 2).sum())
+  expected = (
+    ((ex["wi"][:E] - an["wi"]) ** 2).sum()
+    + ((ex["router"][:, :E] - an["router"]) ** 2).sum()
+    + ((np.asarray(expanded["norm"], np.float64) - anchor_params["norm"]) ** 2).sum()
+  )
   np.testing.assert_allclose(float(distance), expected, rtol=1e-5)
   # Broadcast (size-1) importance dimensions are not sharded.
   grown_axes = grown.logical_axes(axes)
@@ -72,14 +81,18 @@ def test_ewc_penalty_value_and_gradient_match_numpy():
   current, _ = _params(3, num_experts=E + N)
   reg = penalties.EWCPenalty(weight=2.0)
   (term, metrics), grads = jax.value_and_grad(
-      lambda p: reg(p, None, None, anchor, None), has_aux=True)(current)
+    lambda p: reg(p, None, None, anchor, None), has_aux=True
+  )(current)
   f64 = lambda x: np.asarray(x, np.float64)  # noqa: E731
   f_wi, f_r = f64(fisher["moe"]["wi"]), f64(fisher["moe"]["router"])
   c_wi, c_r = f64(current["moe"]["wi"]), f64(current["moe"]["router"])
   a_wi, a_r = anchor_params["moe"]["wi"], anchor_params["moe"]["router"]
   d_norm = np.asarray(current["norm"], np.float64) - anchor_params["norm"]
-  expected = ((f_wi * (c_wi[:E] - a_wi) ** 2).sum() + (f_r * (c_r[:, :E] - a_r) ** 2).sum()
-              + (fisher["norm"] * d_norm ** 2).sum())
+  expected = (
+    (f_wi * (c_wi[:E] - a_wi) ** 2).sum()
+    + (f_r * (c_r[:, :E] - a_r) ** 2).sum()
+    + (fisher["norm"] * d_norm**2).sum()
+  )
   np.testing.assert_allclose(float(metrics["distance"]), expected, rtol=1e-5)
   np.testing.assert_allclose(float(term), expected, rtol=1e-5)  # weight / 2 = 1
   want_wi = np.zeros_like(c_wi)
@@ -96,15 +109,20 @@ class _LinearModel:
 
   def loss(self, params, batch):
     err = batch["x"] @ params["w"] - batch["y"]
-    value = jnp.mean(err ** 2)
+    value = jnp.mean(err**2)
     return value + 1.0, {"cross_entropy": value}
 
 
 def test_estimate_fisher_is_the_mean_squared_batch_gradient():
   rng = np.random.default_rng(0)
   w = rng.standard_normal((3,)).astype(np.float32)
-  batches = [{"x": rng.standard_normal((8, 3)).astype(np.float32),
-              "y": rng.standard_normal((8,)).astype(np.float32)} for _ in range(4)]
+  batches = [
+    {
+      "x": rng.standard_normal((8, 3)).astype(np.float32),
+      "y": rng.standard_normal((8,)).astype(np.float32),
+    }
+    for _ in range(4)
+  ]
   fisher = penalties.estimate_fisher(_LinearModel(), {"w": w}, iter(batches), num_batches=3)
   grads = [2.0 / 8 * b["x"].T.astype(np.float64) @ (b["x"] @ w - b["y"]) for b in batches[:3]]
   np.testing.assert_allclose(np.asarray(fisher["w"]), np.mean(np.square(grads), axis=0), rtol=1e-5)
@@ -118,10 +136,11 @@ def test_estimate_fisher_is_the_mean_squared_batch_gradient():
 def test_anchor_expansion_keeps_sharding():
   params, axes = _params(0, num_experts=4)
   from lifelong_moe_jax import partitioning as pt  # pylint: disable=import-outside-toplevel
+
   part = pt.Partitioner(pt.create_mesh(pt.MeshConfig(data=2, expert=4, model=1)))
   sharded = jax.device_put(params, part.shardings(axes))
   grown = penalties.l2_anchor(sharded).expand_to(axes, 4)
   wi = grown.anchor["moe"]["wi"]
   assert wi.shape == (8, 4, 5) and {s.data.shape for s in wi.addressable_shards} == {(2, 4, 5)}
   np.testing.assert_array_equal(np.asarray(wi[:4]), params["moe"]["wi"])
-  assert surgery.expert_axis(axes["moe"]["router"]) == 1
+  assert param_tree.expert_axis(axes["moe"]["router"]) == 1

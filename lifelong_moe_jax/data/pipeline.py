@@ -12,7 +12,6 @@ Keys (from `seqio.DecoderFeatureConverter(pack=pack)`), each int32 [batch_size, 
 """
 from __future__ import annotations
 
-import importlib
 import os
 from typing import Mapping, Sequence
 
@@ -21,10 +20,11 @@ import tensorflow as tf
 
 from lifelong_moe_jax.data import data_dir as data_dir_lib
 from lifelong_moe_jax.data import distributions
+from lifelong_moe_jax.data import registration
 from lifelong_moe_jax.data import shards
+from lifelong_moe_jax.data import tfds_builder
 from lifelong_moe_jax.data import vocab
 
-TASKS_MODULE = "tasks"
 PREPARE_COMMAND = "python -m lifelong_moe_jax.data.prepare --data_dir {}"
 
 
@@ -32,29 +32,67 @@ class DataNotPreparedError(FileNotFoundError):
     """The prepared corpora or the vocabulary are missing; the message says how to build them."""
 
 
-def _ensure_registrations() -> None:
-    """Imports the task module and applies gin-configured folder registrations."""
-    module = importlib.import_module(TASKS_MODULE)
-    module.corpora.register_folder_distributions()
-
-
 def validate_task_name(name: str) -> seqio.Task | seqio.Mixture:
     """Returns the registered task or mixture `name`.
 
+    Tasks are registered by task modules (`tasks` by default), which the CLIs import through their
+    `--tasks_module` flag and Python code imports itself; this library never imports them. Deferred
+    registrations (gin-configured folders, `registration.add_deferred_registration`) run first.
+
     Raises:
-      ValueError: unknown name; the message lists the registered tasks and mixtures.
+      ValueError: unknown name; the message lists the registered tasks and mixtures and says which
+        module registers tasks.
     """
-    _ensure_registrations()
+    registration.run_deferred_registrations()
     if name in seqio.TaskRegistry.names():
         return seqio.TaskRegistry.get(name)
     if name in seqio.MixtureRegistry.names():
         return seqio.MixtureRegistry.get(name)
     raise ValueError(
         f"Unknown task or mixture '{name}'.\n"
-        f"Registered tasks: {', '.join(sorted(seqio.TaskRegistry.names()))}\n"
-        f"Registered mixtures: {', '.join(sorted(seqio.MixtureRegistry.names()))}\n"
-        "Register your own with tasks.register_text_distribution(...) or the gin binding "
+        f"Registered tasks: {', '.join(sorted(seqio.TaskRegistry.names())) or '(none)'}\n"
+        f"Registered mixtures: {', '.join(sorted(seqio.MixtureRegistry.names())) or '(none)'}\n"
+        "Tasks are registered by importing a task module: the CLIs import the modules named by "
+        "--tasks_module (default: tasks, this repository's tasks/ package); in Python, `import tasks` "
+        "first. Register your own with tasks.register_text_distribution(...), in a module of your own "
+        "passed as --tasks_module=my_tasks, or with the gin binding "
         "register_folder_distributions.folders (see docs/data.md).")
+
+
+def ensure_task_data(mixture_or_task_name: str, data_dir: str | None = None) -> list[str]:
+    """Makes sure the local data of every task of `mixture_or_task_name` can be read, up front.
+
+    Run before a training run writes anything: prepared (built-in) distributions are verified, and
+    distributions registered from your own files are built now (into the data dir, as on first use),
+    so a missing preparation or an empty or malformed file stops the run before its MODEL_DIR is
+    touched. Tasks that read other sources (TFDS catalog datasets, ...) are left to their loaders.
+
+    Returns:
+      The distributions checked.
+
+    Raises:
+      ValueError: unknown task or mixture; a user file without documents or with a malformed line
+        (naming the file and line).
+      DataNotPreparedError: a built-in distribution is not prepared (with the prepare command).
+    """
+    with data_dir_lib.using_data_dir(data_dir):
+        provider = validate_task_name(mixture_or_task_name)
+        tasks = provider.tasks if isinstance(provider, seqio.Mixture) else [provider]
+        names = sorted({t.source.distribution for t in tasks
+                        if isinstance(t.source, tfds_builder.LocalTextTfdsSource)})
+        missing = {}
+        for name in names:
+            try:
+                distributions.ensure_built(name, data_dir)
+            except shards.IncompleteBuildError as e:
+                missing[name] = str(e).splitlines()[0]
+        if missing:
+            root = data_dir_lib.resolve_data_dir(data_dir)
+            raise DataNotPreparedError(
+                f"The data of '{mixture_or_task_name}' is not prepared in {root} "
+                f"({'; '.join(missing.values())}). Run: {PREPARE_COMMAND.format(root)} "
+                f"--distributions {','.join(missing)}")
+    return names
 
 
 def ensure_prepared(

@@ -8,7 +8,9 @@
 - `get_vocabulary(kind="sentencepiece" | "byte")` returns a `seqio.Vocabulary`; gin-configurable, so a
   run can select `get_vocabulary.kind = "byte"`.
 - `LazyVocabulary` is what the tasks register: it calls `get_vocabulary()` at first use, so neither the
-  data dir nor the gin choice is frozen at `import tasks`.
+  data dir nor the gin choice is frozen at `import tasks`. `shared_vocabulary()` is the one instance
+  that every task of this project registers (corpus tasks and few-shot tasks alike), so mixtures of
+  them compare vocabularies equal by identity without resolving them.
 - `vocabulary_fingerprint` / `check_vocabulary_fingerprint`: the trainer stores the fingerprint in its
   checkpoints and refuses a checkpoint trained with another vocabulary.
 """
@@ -299,6 +301,16 @@ class LazyVocabulary(seqio.Vocabulary):
         return f"LazyVocabulary({self._kwargs or 'get_vocabulary() from gin'})"
 
     __repr__ = __str__
+
+
+@functools.lru_cache(maxsize=None)
+def shared_vocabulary() -> LazyVocabulary:
+    """The process-wide `LazyVocabulary` (gin-configured `get_vocabulary()`) all tasks register.
+
+    seqio mixtures require their tasks' vocabularies to be equal; sharing one instance makes that an
+    identity check, so registering a mixture never resolves (loads) the vocabulary.
+    """
+    return LazyVocabulary()
 
 
 # -------------------------------------------------------------------------------------- fingerprint

@@ -24,6 +24,7 @@ CLI (a checkpoint, see docs/fewshot.md; ``fewshot_checkpoint``)::
 writes ``OUTPUT_DIR/fewshot-k<k>.json`` (the results dict) and ``OUTPUT_DIR/<task>-k<k>.jsonl``
 (one line per question: prompt, choices or answers, scores or prediction, correctness).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -38,7 +39,9 @@ import gin
 import numpy as np
 import seqio
 
+from lifelong_moe_jax import checkpoints
 from lifelong_moe_jax import decoding
+from lifelong_moe_jax import distributed
 from lifelong_moe_jax.eval import metrics as metrics_lib
 from lifelong_moe_jax.eval import prompts
 from lifelong_moe_jax.models.lm import LanguageModel
@@ -63,15 +66,20 @@ def stop_token_id(vocabulary: seqio.Vocabulary, stop: str) -> int | None:
     return None
   base = list(vocabulary.encode("a"))
   ids = list(vocabulary.encode("a" + stop))
-  if ids[:len(base)] != base or len(ids) != len(base) + 1:
+  if ids[: len(base)] != base or len(ids) != len(base) + 1:
     return None
   return ids[-1] if vocabulary.decode([ids[-1]]) == stop else None
 
 
 # ------------------------------------------------------------------------------------ scoring
-def score_pairs(model: LanguageModel, params: Any, pairs: Sequence[tuple[Sequence[int], Sequence[int]]],
-                *, batch_size: int = DEFAULT_BATCH_SIZE,
-                group_size: int | None = None) -> tuple[np.ndarray, int]:
+def score_pairs(
+  model: LanguageModel,
+  params: Any,
+  pairs: Sequence[tuple[Sequence[int], Sequence[int]]],
+  *,
+  batch_size: int = DEFAULT_BATCH_SIZE,
+  group_size: int | None = None,
+) -> tuple[np.ndarray, int]:
   """Summed log-likelihood of each continuation given its prefix.
 
   Args:
@@ -104,36 +112,44 @@ def score_pairs(model: LanguageModel, params: Any, pairs: Sequence[tuple[Sequenc
   # One shape for the whole call: one compilation per task (compiling dominates on CPU).
   c_len = _bucket(max(len(cont) for _, cont in pairs), _MIN_CONTINUATION_BUCKET)
   if 1 + c_len >= max_length:
-    raise ValueError(f"A continuation of {c_len} tokens does not fit ModelConfig.max_length="
-                     f"{max_length}.")
+    raise ValueError(
+      f"A continuation of {c_len} tokens does not fit ModelConfig.max_length={max_length}."
+    )
   p_len = min(_bucket(max(len(p) for p in prefixes), _MIN_PREFIX_BUCKET), max_length - 1 - c_len)
   for start in range(0, len(order), batch_size):
-    batch_p = order[start:start + batch_size]
+    batch_p = order[start : start + batch_size]
     rows = [r for p in batch_p for r in rows_of[p]]
     prefix_arr = np.zeros((batch_size, p_len), np.int32)
     for i, p in enumerate(batch_p):
       ids = prefixes[p][-p_len:] if p_len else ()
       truncated += len(ids) < len(prefixes[p])
       if ids:
-        prefix_arr[i, p_len - len(ids):] = ids
+        prefix_arr[i, p_len - len(ids) :] = ids
     cont_arr = np.zeros((rows_cap, c_len), np.int32)
     index = np.zeros((rows_cap,), np.int32)
     for j, r in enumerate(rows):
       cont = pairs[r][1]
-      cont_arr[j, :len(cont)] = cont
+      cont_arr[j, : len(cont)] = cont
       index[j] = batch_p.index(prefix_ids[tuple(pairs[r][0])])
-    token_ll = decoding.score_continuations(model, params, prefix_arr, cont_arr, index,
-                                            group_size=group_size)
-    sums = np.asarray(token_ll, np.float64).sum(axis=1)
+    token_ll = decoding.score_continuations(
+      model, params, prefix_arr, cont_arr, index, group_size=group_size
+    )
+    sums = distributed.to_host(token_ll).astype(np.float64).sum(axis=1)
     for j, r in enumerate(rows):
       scores[r] = sums[j]
   return scores, truncated
 
 
-def generate_continuations(model: LanguageModel, params: Any, contexts: Sequence[Sequence[int]], *,
-                           max_decode_len: int, stop_ids: Sequence[int],
-                           batch_size: int = DEFAULT_BATCH_SIZE,
-                           group_size: int | None = None) -> tuple[list[list[int]], int]:
+def generate_continuations(
+  model: LanguageModel,
+  params: Any,
+  contexts: Sequence[Sequence[int]],
+  *,
+  max_decode_len: int,
+  stop_ids: Sequence[int],
+  batch_size: int = DEFAULT_BATCH_SIZE,
+  group_size: int | None = None,
+) -> tuple[list[list[int]], int]:
   """Greedy continuations (ids up to, not including, the first stop id) of each context.
 
   Returns:
@@ -142,23 +158,31 @@ def generate_continuations(model: LanguageModel, params: Any, contexts: Sequence
   max_length = model.config.max_length
   budget = max_length - 1 - max_decode_len
   if budget < 1:
-    raise ValueError(f"max_decode_len={max_decode_len} leaves no room for a prompt in "
-                     f"ModelConfig.max_length={max_length}.")
+    raise ValueError(
+      f"max_decode_len={max_decode_len} leaves no room for a prompt in "
+      f"ModelConfig.max_length={max_length}."
+    )
   order = sorted(range(len(contexts)), key=lambda i: -len(contexts[i]))
   outputs: list[list[int]] = [[] for _ in contexts]
   truncated = 0
   stops = set(int(s) for s in stop_ids)
   p_len = min(_bucket(max(len(c) for c in contexts), _MIN_PREFIX_BUCKET), budget)
   for start in range(0, len(order), batch_size):
-    batch = order[start:start + batch_size]
+    batch = order[start : start + batch_size]
     arr = np.zeros((batch_size, p_len), np.int32)
     for row, i in enumerate(batch):
       ids = list(contexts[i])[-p_len:]
       truncated += len(ids) < len(contexts[i])
-      arr[row, p_len - len(ids):] = ids
-    result = decoding.generate(model, params, arr, max_decode_len=max_decode_len,
-                               stop_ids=tuple(stops), group_size=group_size)
-    tokens = np.asarray(result.tokens)
+      arr[row, p_len - len(ids) :] = ids
+    result = decoding.generate(
+      model,
+      params,
+      arr,
+      max_decode_len=max_decode_len,
+      stop_ids=tuple(stops),
+      group_size=group_size,
+    )
+    tokens = distributed.to_host(result.tokens)
     for row, i in enumerate(batch):
       out = []
       for t in tokens[row].tolist():
@@ -173,26 +197,39 @@ def generate_continuations(model: LanguageModel, params: Any, contexts: Sequence
 @dataclasses.dataclass
 class TaskResult:
   """Metrics of one task plus the per-row material behind them (for JSONL output)."""
+
   metrics: dict[str, float]
   rows: list[dict[str, Any]]
   outputs: list[Any]  # scores (multiple choice) or prediction strings (generation), per row
 
 
-def evaluate_task(model: LanguageModel, params: Any, vocabulary: seqio.Vocabulary, task_name: str,
-                  k: int | None = None, *, max_examples: int | None = DEFAULT_MAX_EXAMPLES,
-                  split: str | None = None, seed: int | None = None,
-                  batch_size: int = DEFAULT_BATCH_SIZE, group_size: int | None = None) -> TaskResult:
+def evaluate_task(
+  model: LanguageModel,
+  params: Any,
+  vocabulary: seqio.Vocabulary,
+  task_name: str,
+  k: int | None = None,
+  *,
+  max_examples: int | None = DEFAULT_MAX_EXAMPLES,
+  split: str | None = None,
+  seed: int | None = None,
+  batch_size: int = DEFAULT_BATCH_SIZE,
+  group_size: int | None = None,
+) -> TaskResult:
   """Runs one few-shot task; see ``run_fewshot``."""
   task = prompts.get_task(task_name)
   rows = list(prompts.iter_rows(task, split, k, max_examples, seed))
   pairs = [prompts.encode_pair(vocabulary, r["inputs"], r["targets"]) for r in rows]
   post = prompts.FewShotPostprocessor(task.name)
-  targets = [post(r["targets"], example={**r, "targets": cont}, is_target=True)
-             for r, (_, cont) in zip(rows, pairs)]
+  targets = [
+    post(r["targets"], example={**r, "targets": cont}, is_target=True)
+    for r, (_, cont) in zip(rows, pairs)
+  ]
   metrics: dict[str, float] = {}
   if task.kind == prompts.MULTIPLE_CHOICE:
-    outputs, truncated = score_pairs(model, params, pairs, batch_size=batch_size,
-                                     group_size=group_size)
+    outputs, truncated = score_pairs(
+      model, params, pairs, batch_size=batch_size, group_size=group_size
+    )
     outputs = outputs.tolist()
     for fn in task.metric_fns():
       metrics.update(fn(targets, outputs))
@@ -203,9 +240,15 @@ def evaluate_task(model: LanguageModel, params: Any, vocabulary: seqio.Vocabular
     if newline is not None:
       stops.append(newline)
     contexts = [list(vocabulary.encode(r["inputs"])) for r in rows]
-    ids, truncated = generate_continuations(model, params, contexts,
-                                            max_decode_len=task.max_decode_len, stop_ids=stops,
-                                            batch_size=batch_size, group_size=group_size)
+    ids, truncated = generate_continuations(
+      model,
+      params,
+      contexts,
+      max_decode_len=task.max_decode_len,
+      stop_ids=stops,
+      batch_size=batch_size,
+      group_size=group_size,
+    )
     outputs = [post(vocabulary.decode(t), is_target=False) for t in ids]
     for fn in task.metric_fns():
       metrics.update(fn(targets, outputs))
@@ -213,29 +256,55 @@ def evaluate_task(model: LanguageModel, params: Any, vocabulary: seqio.Vocabular
   metrics = {m: float(v) for m, v in metrics.items()}
   metrics["num_examples"] = len({r["idx"] for r in rows})
   if truncated:
-    logging.warning("%s: %d prompts were cut from the left to fit max_length=%d.", task.name,
-                    truncated, model.config.max_length)
+    logging.warning(
+      "%s: %d prompts were cut from the left to fit max_length=%d.",
+      task.name,
+      truncated,
+      model.config.max_length,
+    )
   return TaskResult(metrics=metrics, rows=rows, outputs=outputs)
 
 
 def _check_vocabulary(model: LanguageModel, vocabulary: seqio.Vocabulary) -> None:
   if vocabulary.vocab_size > model.config.vocab_size:
-    raise ValueError(f"The vocabulary has {vocabulary.vocab_size} ids but the model only "
-                     f"{model.config.vocab_size} logits: build the model with "
-                     "lm.build_model(config, vocabulary.vocab_size).")
+    raise ValueError(
+      f"The vocabulary has {vocabulary.vocab_size} ids but the model only "
+      f"{model.config.vocab_size} logits: build the model with "
+      "lm.build_model(config, vocabulary.vocab_size)."
+    )
 
 
 def default_task_names() -> list[str]:
-  """The embedded tasks whose data is present (``tasks.fewshot.available_tasks``)."""
-  import tasks.fewshot  # pylint: disable=import-outside-toplevel
-  return tasks.fewshot.available_tasks()
+  """The registered tasks whose data is present (``prompts.available_tasks``).
+
+  With the default task module imported (``tasks``), these are the embedded tasks of
+  ``tasks/fewshot.py`` whose data is present.
+
+  Raises:
+    prompts.FewShotError: no registered task declares its data present (no task module imported).
+  """
+  names = prompts.available_tasks()
+  if not names:
+    raise prompts.FewShotError(
+      "No few-shot task with data present is registered: import a task module first (the CLIs "
+      "import --tasks_module, default tasks; in Python, `import tasks`), or name the tasks."
+    )
+  return names
 
 
-def run_fewshot(model: LanguageModel, params: Any, vocabulary: seqio.Vocabulary,
-                task_names: Sequence[str] | None = None, k: int | None = None, *,
-                max_examples: int | None = DEFAULT_MAX_EXAMPLES, split: str | None = None,
-                seed: int | None = None, batch_size: int = DEFAULT_BATCH_SIZE,
-                group_size: int | None = None) -> dict[str, dict[str, float]]:
+def run_fewshot(
+  model: LanguageModel,
+  params: Any,
+  vocabulary: seqio.Vocabulary,
+  task_names: Sequence[str] | None = None,
+  k: int | None = None,
+  *,
+  max_examples: int | None = DEFAULT_MAX_EXAMPLES,
+  split: str | None = None,
+  seed: int | None = None,
+  batch_size: int = DEFAULT_BATCH_SIZE,
+  group_size: int | None = None,
+) -> dict[str, dict[str, float]]:
   """Few-shot scores of ``params`` on each task.
 
   Args:
@@ -243,10 +312,12 @@ def run_fewshot(model: LanguageModel, params: Any, vocabulary: seqio.Vocabulary,
     params: params (boxed or unboxed, possibly sharded).
     vocabulary: the vocabulary the model was trained with.
     task_names: registered few-shot tasks (default: every embedded task whose data is present).
-    k: demonstrations per prompt (default: gin ``fewshot_defaults.num_shots``, 1).
+    k: demonstrations per prompt (default: ``prompts.FewshotDefaults``, gin
+      ``fewshot_defaults.num_shots``, 1).
     max_examples: questions per task (the first of the task's stable order; None = all).
     split: split to score (default: each task's ``eval_split``).
-    seed: demonstration seed (default: gin ``fewshot_defaults.seed``, 0).
+    seed: demonstration seed (default: ``prompts.FewshotDefaults``, gin ``fewshot_defaults.seed``,
+      0).
     batch_size: prompts per compiled call.
     group_size: MoE routing group size override (memory only).
   Returns:
@@ -259,9 +330,18 @@ def run_fewshot(model: LanguageModel, params: Any, vocabulary: seqio.Vocabulary,
   results = {}
   for name in names:
     start = time.time()
-    results[name] = evaluate_task(model, params, vocabulary, name, k, max_examples=max_examples,
-                                  split=split, seed=seed, batch_size=batch_size,
-                                  group_size=group_size).metrics
+    results[name] = evaluate_task(
+      model,
+      params,
+      vocabulary,
+      name,
+      k,
+      max_examples=max_examples,
+      split=split,
+      seed=seed,
+      batch_size=batch_size,
+      group_size=group_size,
+    ).metrics
     logging.info("few-shot %s (k=%s): %s in %.1fs", name, k, results[name], time.time() - start)
   return results
 
@@ -289,36 +369,51 @@ def result_records(task_name: str, result: TaskResult) -> list[dict[str, Any]]:
 
 
 # ------------------------------------------------------------------------------------ CLI
-@gin.configurable
-def fewshot_checkpoint(*, checkpoint_path: str = gin.REQUIRED, output_dir: str | None = None,
-                       task_names: Sequence[str] = (), num_shots: int | None = None,
-                       max_examples: int | None = DEFAULT_MAX_EXAMPLES,
-                       batch_size: int = DEFAULT_BATCH_SIZE,
-                       data_dir: str | None = None) -> dict[str, dict[str, float]]:
+def fewshot_checkpoint(
+  *,
+  checkpoint_path: str = gin.REQUIRED,
+  output_dir: str | None = None,
+  task_names: Sequence[str] = (),
+  num_shots: int | None = None,
+  max_examples: int | None = DEFAULT_MAX_EXAMPLES,
+  batch_size: int = DEFAULT_BATCH_SIZE,
+  data_dir: str | None = None,
+) -> dict[str, dict[str, float]]:
   """Evaluates a checkpoint on few-shot tasks and writes the results (see module docstring).
+
+  The eval CLI registers this entry point with gin (``fewshot_checkpoint.checkpoint_path`` etc.).
 
   Args:
     checkpoint_path: a checkpoint step dir or a MODEL_DIR (latest checkpoint).
     output_dir: where results go (default: ``<step dir>/../../fewshot``, i.e. MODEL_DIR/fewshot).
     task_names: tasks (default: every embedded task whose data is present).
-    num_shots: k (default: ``fewshot_defaults.num_shots``).
+    num_shots: k (default: ``prompts.FewshotDefaults().num_shots``, gin
+      ``fewshot_defaults.num_shots``).
     max_examples: questions per task (None: all).
     batch_size: prompts per compiled call.
     data_dir: data dir of the corpus tasks and the vocabulary (None: the usual resolution).
   """
-  from lifelong_moe_jax import infer  # pylint: disable=import-outside-toplevel
   from lifelong_moe_jax.data import data_dir as data_dir_lib  # pylint: disable=import-outside-toplevel
-  loaded = infer.load_checkpoint(checkpoint_path, data_dir=data_dir)
-  k = prompts.fewshot_defaults()["num_shots"] if num_shots is None else int(num_shots)
-  output_dir = output_dir or os.path.join(os.path.dirname(os.path.dirname(loaded.step_dir)),
-                                          "fewshot")
+
+  loaded = checkpoints.load_checkpoint(checkpoint_path, data_dir=data_dir)
+  k = prompts.FewshotDefaults().num_shots if num_shots is None else int(num_shots)
+  output_dir = output_dir or os.path.join(
+    os.path.dirname(os.path.dirname(loaded.step_dir)), "fewshot"
+  )
   os.makedirs(output_dir, exist_ok=True)
   names = list(task_names) or default_task_names()
   results = {}
   with data_dir_lib.using_data_dir(data_dir), loaded.partitioner.context():
     for name in names:
-      result = evaluate_task(loaded.model, loaded.params, loaded.vocabulary, name, k,
-                             max_examples=max_examples, batch_size=batch_size)
+      result = evaluate_task(
+        loaded.model,
+        loaded.params,
+        loaded.vocabulary,
+        name,
+        k,
+        max_examples=max_examples,
+        batch_size=batch_size,
+      )
       results[name] = result.metrics
       with open(os.path.join(output_dir, f"{name}-k{k}.jsonl"), "w", encoding="utf-8") as f:
         for rec in result_records(name, result):
@@ -339,6 +434,8 @@ def format_results(results: dict[str, dict[str, float]]) -> str:
       metric = prompts.get_task(name).primary_metric
     except prompts.FewShotError:
       metric = next(iter(m))
-    lines.append(f"{name:28s} {metric:14s} {m.get(metric, float('nan')):7.1f} "
-                 f"{m.get('chance', float('nan')):7.1f} {int(m.get('num_examples', 0)):5d}")
+    lines.append(
+      f"{name:28s} {metric:14s} {m.get(metric, float('nan')):7.1f} "
+      f"{m.get('chance', float('nan')):7.1f} {int(m.get('num_examples', 0)):5d}"
+    )
   return "\n".join(lines)

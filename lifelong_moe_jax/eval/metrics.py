@@ -15,6 +15,7 @@ percentages in [0, 100], like t5's metrics.
   drops punctuation, articles and extra whitespace; ``normalize="code"`` only collapses whitespace
   (and F1 then counts identifier and punctuation tokens).
 """
+
 from __future__ import annotations
 
 import collections
@@ -34,6 +35,7 @@ NORMALIZATIONS = ("squad", "code")
 @dataclasses.dataclass(frozen=True)
 class RankTarget:
   """One (question, choice) row of a rank-classification task."""
+
   idx: int
   is_correct: bool
   num_tokens: int
@@ -68,9 +70,13 @@ def rank_classification(targets: Sequence[Any], scores: Sequence[float]) -> dict
     questions.setdefault(t.idx, []).append((score, score / max(t.num_tokens, 1), t.is_correct))
   if not questions:
     return {"accuracy": 0.0, "accuracy_norm": 0.0}
-  hits = np.array([[rows[int(np.argmax([r[0] for r in rows]))][2],
-                    rows[int(np.argmax([r[1] for r in rows]))][2]] for rows in questions.values()],
-                  np.float64)
+  hits = np.array(
+    [
+      [rows[int(np.argmax([r[0] for r in rows]))][2], rows[int(np.argmax([r[1] for r in rows]))][2]]
+      for rows in questions.values()
+    ],
+    np.float64,
+  )
   return {"accuracy": 100.0 * hits[:, 0].mean(), "accuracy_norm": 100.0 * hits[:, 1].mean()}
 
 
@@ -129,25 +135,33 @@ def _check(targets: Sequence[Any], predictions: Sequence[str], name: str) -> Non
     raise ValueError(f"{name} got {len(targets)} targets but {len(predictions)} predictions.")
 
 
-def exact_match(targets: Sequence[Any], predictions: Sequence[str],
-                normalize: str = "squad") -> dict[str, float]:
+def exact_match(
+  targets: Sequence[Any], predictions: Sequence[str], normalize: str = "squad"
+) -> dict[str, float]:
   """{"exact_match": %}: prediction equals one of the answers after normalisation."""
   _check(targets, predictions, "exact_match")
   if not targets:
     return {"exact_match": 0.0}
-  hits = [max(normalize_answer(p, normalize) == normalize_answer(a, normalize) for a in _answers(t))
-          if _answers(t) else False for t, p in zip(targets, predictions)]
+  hits = [
+    max(normalize_answer(p, normalize) == normalize_answer(a, normalize) for a in _answers(t))
+    if _answers(t)
+    else False
+    for t, p in zip(targets, predictions)
+  ]
   return {"exact_match": 100.0 * float(np.mean(hits))}
 
 
-def token_f1(targets: Sequence[Any], predictions: Sequence[str],
-             normalize: str = "squad") -> dict[str, float]:
+def token_f1(
+  targets: Sequence[Any], predictions: Sequence[str], normalize: str = "squad"
+) -> dict[str, float]:
   """{"f1": %}: best token-overlap F1 of the prediction against the answers (SQuAD style)."""
   _check(targets, predictions, "token_f1")
   if not targets:
     return {"f1": 0.0}
-  f1s = [max((_f1(p, a, normalize) for a in _answers(t)), default=0.0)
-         for t, p in zip(targets, predictions)]
+  f1s = [
+    max((_f1(p, a, normalize) for a in _answers(t)), default=0.0)
+    for t, p in zip(targets, predictions)
+  ]
   return {"f1": 100.0 * float(np.mean(f1s))}
 
 

@@ -24,12 +24,12 @@ tokens the rest. So a continuation " Paris" is scored as the tokens it has insid
 (``▁Paris``), not as a separately encoded string (``▁``, ``▁Paris`` with SentencePiece's dummy
 prefix). No EOS is appended to either.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import functools
 import hashlib
-import importlib
 from typing import Any, Callable, Iterator, Sequence
 
 import gin
@@ -37,12 +37,12 @@ import numpy as np
 import seqio
 import tensorflow as tf
 
+from lifelong_moe_jax.data import vocab as vocab_lib
 from lifelong_moe_jax.eval import metrics as metrics_lib
 
 MULTIPLE_CHOICE = "multiple_choice"
 GENERATION = "generation"
 DEFAULT_SEPARATOR = "\n\n"
-TASK_MODULES = ("tasks.fewshot", "tasks.glam_suite")
 
 
 class FewShotError(ValueError):
@@ -62,6 +62,7 @@ class FewShotExample:
     choice_prompts: optional per-choice prompts (WinoGrande-style partial scoring, where the
       option is substituted into the prompt and the shared remainder is scored); default: ``prompt``.
   """
+
   prompt: str
   choices: tuple[str, ...] = ()
   correct: tuple[int, ...] = ()
@@ -71,8 +72,10 @@ class FewShotExample:
   def __post_init__(self):
     if self.choices:
       if not self.correct or any(not 0 <= c < len(self.choices) for c in self.correct):
-        raise FewShotError(f"Multiple-choice example needs correct indices in [0, "
-                           f"{len(self.choices)}), got {self.correct} (prompt {self.prompt[:60]!r}).")
+        raise FewShotError(
+          f"Multiple-choice example needs correct indices in [0, "
+          f"{len(self.choices)}), got {self.correct} (prompt {self.prompt[:60]!r})."
+        )
       if self.choice_prompts and len(self.choice_prompts) != len(self.choices):
         raise FewShotError("choice_prompts must have one prompt per choice.")
     elif not self.answers:
@@ -110,7 +113,11 @@ class FewShotTask:
     max_decode_len: tokens generated per query (generation).
     stop: generations are cut at the first occurrence of this string (generation).
     primary_metric: the metric to quote for this task.
+    is_available: ``() -> bool``, whether the task's data is present; set by task modules for the
+      tasks that ``run_fewshot(task_names=None)`` runs by default (``available_tasks``). Tasks
+      without it (e.g. the GLaM suite, whose data is checked only when loaded) run only when named.
   """
+
   name: str
   kind: str
   load: Callable[[str], Sequence[FewShotExample]]
@@ -122,13 +129,17 @@ class FewShotTask:
   max_decode_len: int = 32
   stop: str = "\n"
   primary_metric: str = ""
+  is_available: Callable[[], bool] | None = None
 
   def __post_init__(self):
     if self.kind not in (MULTIPLE_CHOICE, GENERATION):
-      raise FewShotError(f"Task {self.name}: kind must be {MULTIPLE_CHOICE!r} or {GENERATION!r}, "
-                         f"got {self.kind!r}.")
+      raise FewShotError(
+        f"Task {self.name}: kind must be {MULTIPLE_CHOICE!r} or {GENERATION!r}, got {self.kind!r}."
+      )
     if self.normalize not in metrics_lib.NORMALIZATIONS:
-      raise FewShotError(f"Task {self.name}: normalize must be one of {metrics_lib.NORMALIZATIONS}.")
+      raise FewShotError(
+        f"Task {self.name}: normalize must be one of {metrics_lib.NORMALIZATIONS}."
+      )
     if not self.primary_metric:
       default = "accuracy" if self.kind == MULTIPLE_CHOICE else "exact_match"
       object.__setattr__(self, "primary_metric", default)
@@ -150,13 +161,28 @@ class FewShotTask:
 _TASKS: dict[str, FewShotTask] = {}
 
 
-@gin.configurable
-def fewshot_defaults(num_shots: int = 1, seed: int = 0) -> dict[str, int]:
-  """Gin hook for the number of demonstrations and the demonstration seed used by seqio tasks and
-  ``run_fewshot`` when they are not given explicitly (``fewshot_defaults.num_shots = 3``)."""
-  if num_shots < 0:
-    raise FewShotError(f"fewshot_defaults.num_shots must be >= 0, got {num_shots}.")
-  return {"num_shots": int(num_shots), "seed": int(seed)}
+@gin.configurable("fewshot_defaults")
+@dataclasses.dataclass(frozen=True)
+class FewshotDefaults:
+  """Demonstrations per prompt and demonstration seed, when a caller does not give them.
+
+  Used by the seqio tasks, ``iter_rows`` and ``run_fewshot``. Gin-configurable under the name
+  ``fewshot_defaults`` (``fewshot_defaults.num_shots = 3``, ``fewshot_defaults.seed = 1``), so
+  ``FewshotDefaults()`` reads the bindings; explicit arguments override them.
+
+  Attributes:
+    num_shots: demonstrations per prompt (k), >= 0.
+    seed: demonstration seed.
+  """
+
+  num_shots: int = 1
+  seed: int = 0
+
+  def __post_init__(self):
+    if int(self.num_shots) < 0:
+      raise FewShotError(f"fewshot_defaults.num_shots must be >= 0, got {self.num_shots}.")
+    object.__setattr__(self, "num_shots", int(self.num_shots))
+    object.__setattr__(self, "seed", int(self.seed))
 
 
 def register(task: FewShotTask, *, seqio_task: bool = True) -> FewShotTask:
@@ -167,28 +193,37 @@ def register(task: FewShotTask, *, seqio_task: bool = True) -> FewShotTask:
   return task
 
 
-def _import_task_modules() -> None:
-  for module in TASK_MODULES:
-    try:
-      importlib.import_module(module)
-    except ModuleNotFoundError as e:
-      if e.name not in (module, module.split(".")[0]):
-        raise
-
-
 def get_task(name: str) -> FewShotTask:
-  """The registered task ``name`` (importing ``tasks.fewshot`` / ``tasks.glam_suite`` if needed)."""
+  """The registered task ``name``.
+
+  Raises:
+    FewShotError: unknown name; the message lists the registered tasks and says which modules
+      register them.
+  """
   if name not in _TASKS:
-    _import_task_modules()
-  if name not in _TASKS:
-    raise FewShotError(f"Unknown few-shot task {name!r}. Registered: {', '.join(sorted(_TASKS))}.")
+    raise FewShotError(
+      f"Unknown few-shot task {name!r}. Registered: {', '.join(sorted(_TASKS)) or '(none)'}. "
+      "Few-shot tasks are registered by importing a task module: the CLIs import the modules "
+      "named by --tasks_module (default: tasks, which registers tasks.fewshot and "
+      "tasks.glam_suite); in Python, `import tasks` first."
+    )
   return _TASKS[name]
 
 
 def task_names(prefix: str = "") -> list[str]:
   """Sorted names of registered few-shot tasks starting with ``prefix``."""
-  _import_task_modules()
   return sorted(n for n in _TASKS if n.startswith(prefix))
+
+
+def available_tasks() -> list[str]:
+  """Registered tasks whose ``is_available()`` says their data is present, in registration order.
+
+  This is the default task list of ``run_fewshot`` (the embedded tasks of ``tasks/fewshot.py``
+  once that module is imported); tasks registered without ``is_available`` are not included.
+  """
+  return [
+    name for name, task in _TASKS.items() if task.is_available is not None and task.is_available()
+  ]
 
 
 # ------------------------------------------------------------------------------------ prompts
@@ -204,8 +239,9 @@ def stable_shuffle(items: Sequence[Any], *seed_parts: Any) -> list[Any]:
   return [items[i] for i in order]
 
 
-def pick_distractors(answer: str, pool: Sequence[str], count: int, *seed_parts: Any,
-                     exclude: Sequence[str] = ()) -> list[str]:
+def pick_distractors(
+  answer: str, pool: Sequence[str], count: int, *seed_parts: Any, exclude: Sequence[str] = ()
+) -> list[str]:
   """``count`` distinct strings from ``pool`` that differ from ``answer`` and ``exclude``
   (case-insensitive), chosen with a generator seeded by ``seed_parts``; fewer only if the pool has
   too few."""
@@ -228,44 +264,61 @@ def pick_distractors(answer: str, pool: Sequence[str], count: int, *seed_parts: 
   return out
 
 
-def multiple_choice(prompt: str, answer: str, distractors: Sequence[str], *seed_parts: Any,
-                    choice_prompts: Sequence[str] = ()) -> FewShotExample:
+def multiple_choice(
+  prompt: str,
+  answer: str,
+  distractors: Sequence[str],
+  *seed_parts: Any,
+  choice_prompts: Sequence[str] = (),
+) -> FewShotExample:
   """A multiple-choice example with the answer placed at a seeded position among the distractors."""
   choices = list(distractors)
-  position = int(np.random.default_rng(stable_seed("position", *seed_parts)).integers(len(choices) + 1))
+  position = int(
+    np.random.default_rng(stable_seed("position", *seed_parts)).integers(len(choices) + 1)
+  )
   choices.insert(position, answer)
-  return FewShotExample(prompt=prompt, choices=tuple(choices), correct=(position,),
-                        choice_prompts=tuple(choice_prompts))
+  return FewShotExample(
+    prompt=prompt, choices=tuple(choices), correct=(position,), choice_prompts=tuple(choice_prompts)
+  )
 
 
-def demonstrations(task: FewShotTask, index: int, num_shots: int, split: str,
-                   seed: int = 0) -> list[FewShotExample]:
+def demonstrations(
+  task: FewShotTask, index: int, num_shots: int, split: str, seed: int = 0
+) -> list[FewShotExample]:
   """The ``num_shots`` demonstrations for query ``index`` of ``split``."""
   if num_shots == 0:
     return []
   pool = task.load(task.demo_split)
   candidates = [i for i in range(len(pool)) if not (split == task.demo_split and i == index)]
   if len(candidates) < num_shots:
-    raise FewShotError(f"Task {task.name}: {num_shots} demonstrations requested but split "
-                       f"{task.demo_split!r} has only {len(candidates)} usable examples.")
+    raise FewShotError(
+      f"Task {task.name}: {num_shots} demonstrations requested but split "
+      f"{task.demo_split!r} has only {len(candidates)} usable examples."
+    )
   rng = np.random.default_rng(stable_seed(task.name, seed, index))
   picks = rng.choice(len(candidates), size=num_shots, replace=False)
   return [pool[candidates[int(p)]] for p in picks]
 
 
-def render(task: FewShotTask, example: FewShotExample, demos: Sequence[FewShotExample],
-           choice: int = 0) -> str:
+def render(
+  task: FewShotTask, example: FewShotExample, demos: Sequence[FewShotExample], choice: int = 0
+) -> str:
   """The k-shot prompt for ``example`` (for ``choice``'s prompt when choices have their own)."""
   parts = [d.demonstration() for d in demos] + [example.prompt_for(choice)]
   return task.separator.join(parts)
 
 
-def iter_rows(task: FewShotTask, split: str | None = None, num_shots: int | None = None,
-              max_examples: int | None = None, seed: int | None = None) -> Iterator[dict[str, Any]]:
+def iter_rows(
+  task: FewShotTask,
+  split: str | None = None,
+  num_shots: int | None = None,
+  max_examples: int | None = None,
+  seed: int | None = None,
+) -> Iterator[dict[str, Any]]:
   """Rows of the first ``max_examples`` examples of ``split`` (see module docstring)."""
-  defaults = fewshot_defaults()
-  num_shots = defaults["num_shots"] if num_shots is None else int(num_shots)
-  seed = defaults["seed"] if seed is None else int(seed)
+  defaults = FewshotDefaults()
+  num_shots = defaults.num_shots if num_shots is None else int(num_shots)
+  seed = defaults.seed if seed is None else int(seed)
   split = split or task.eval_split
   examples = task.load(split)
   if not examples:
@@ -277,15 +330,29 @@ def iter_rows(task: FewShotTask, split: str | None = None, num_shots: int | None
     if ex.is_multiple_choice:
       correct = [ex.choices[c] for c in ex.correct]
       for j, choice in enumerate(ex.choices):
-        yield {"inputs": render(task, ex, demos, j), "targets": choice, "idx": i, "choice": j,
-               "is_correct": j in ex.correct, "answers": correct}
+        yield {
+          "inputs": render(task, ex, demos, j),
+          "targets": choice,
+          "idx": i,
+          "choice": j,
+          "is_correct": j in ex.correct,
+          "answers": correct,
+        }
     else:
-      yield {"inputs": render(task, ex, demos), "targets": ex.answers[0], "idx": i, "choice": 0,
-             "is_correct": True, "answers": list(ex.answers)}
+      yield {
+        "inputs": render(task, ex, demos),
+        "targets": ex.answers[0],
+        "idx": i,
+        "choice": 0,
+        "is_correct": True,
+        "answers": list(ex.answers),
+      }
 
 
 # ------------------------------------------------------------------------------ tokenization
-def encode_pair(vocabulary: seqio.Vocabulary, inputs: str, targets: str) -> tuple[list[int], list[int]]:
+def encode_pair(
+  vocabulary: seqio.Vocabulary, inputs: str, targets: str
+) -> tuple[list[int], list[int]]:
   """(inputs ids, targets ids) of ``inputs + targets`` split as described in the module docstring."""
   full = list(vocabulary.encode(inputs + targets))
   ctx = list(vocabulary.encode(inputs))
@@ -296,8 +363,9 @@ def encode_pair(vocabulary: seqio.Vocabulary, inputs: str, targets: str) -> tupl
   return full[:n], full[n:]
 
 
-def encode_pair_tf(vocabulary: seqio.Vocabulary, inputs: tf.Tensor,
-                   targets: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+def encode_pair_tf(
+  vocabulary: seqio.Vocabulary, inputs: tf.Tensor, targets: tf.Tensor
+) -> tuple[tf.Tensor, tf.Tensor]:
   """TF-graph version of ``encode_pair`` (same result) for seqio preprocessing."""
   full = tf.cast(vocabulary.encode_tf(tf.strings.join([inputs, targets])), tf.int32)
   ctx = tf.cast(vocabulary.encode_tf(inputs), tf.int32)
@@ -307,34 +375,40 @@ def encode_pair_tf(vocabulary: seqio.Vocabulary, inputs: tf.Tensor,
   return full[:n], full[n:]
 
 
-def tokenize_prompt_and_continuation(dataset: tf.data.Dataset,
-                                     output_features: seqio.preprocessors.OutputFeaturesType
-                                     ) -> tf.data.Dataset:
+def tokenize_prompt_and_continuation(
+  dataset: tf.data.Dataset, output_features: seqio.preprocessors.OutputFeaturesType
+) -> tf.data.Dataset:
   """seqio preprocessor: tokenizes ``inputs``/``targets`` with ``encode_pair_tf``; keeps the text as
   ``inputs_pretokenized`` / ``targets_pretokenized``."""
   vocabulary = output_features["targets"].vocabulary
 
   def fn(ex):
     inputs, targets = encode_pair_tf(vocabulary, ex["inputs"], ex["targets"])
-    return {**ex, "inputs": inputs, "targets": targets, "inputs_pretokenized": ex["inputs"],
-            "targets_pretokenized": ex["targets"]}
+    return {
+      **ex,
+      "inputs": inputs,
+      "targets": targets,
+      "inputs_pretokenized": ex["inputs"],
+      "targets_pretokenized": ex["targets"],
+    }
 
   return dataset.map(fn, num_parallel_calls=tf.data.AUTOTUNE)
 
 
 # ------------------------------------------------------------------------------------ seqio
 _ROW_SIGNATURE = {
-    "inputs": tf.TensorSpec([], tf.string),
-    "targets": tf.TensorSpec([], tf.string),
-    "idx": tf.TensorSpec([], tf.int32),
-    "choice": tf.TensorSpec([], tf.int32),
-    "is_correct": tf.TensorSpec([], tf.bool),
-    "answers": tf.TensorSpec([None], tf.string),
+  "inputs": tf.TensorSpec([], tf.string),
+  "targets": tf.TensorSpec([], tf.string),
+  "idx": tf.TensorSpec([], tf.int32),
+  "choice": tf.TensorSpec([], tf.int32),
+  "is_correct": tf.TensorSpec([], tf.bool),
+  "answers": tf.TensorSpec([None], tf.string),
 }
 
 
-def _dataset_fn(split: str, shuffle_files: bool, seed: int | None = None, *,
-                task_name: str) -> tf.data.Dataset:
+def _dataset_fn(
+  split: str, shuffle_files: bool, seed: int | None = None, *, task_name: str
+) -> tf.data.Dataset:
   del shuffle_files, seed  # rows are deterministic; the demonstration seed comes from gin
   task = get_task(task_name)
   rows = list(iter_rows(task, split))
@@ -353,8 +427,9 @@ class FewShotPostprocessor:
   def __init__(self, task_name: str):
     self.task_name = task_name
 
-  def __call__(self, output: Any, example: dict[str, Any] | None = None,
-               is_target: bool = False) -> Any:
+  def __call__(
+    self, output: Any, example: dict[str, Any] | None = None, is_target: bool = False
+  ) -> Any:
     task = get_task(self.task_name)
     if isinstance(output, bytes):
       output = output.decode("utf-8")
@@ -362,8 +437,9 @@ class FewShotPostprocessor:
       if example is None:
         return output
       if task.kind == MULTIPLE_CHOICE:
-        return metrics_lib.RankTarget(int(example["idx"]), bool(example["is_correct"]),
-                                      len(example["targets"]))
+        return metrics_lib.RankTarget(
+          int(example["idx"]), bool(example["is_correct"]), len(example["targets"])
+        )
       return [a.decode("utf-8") if isinstance(a, bytes) else str(a) for a in example["answers"]]
     return clean_prediction(output, task.stop)
 
@@ -371,38 +447,37 @@ class FewShotPostprocessor:
 def clean_prediction(text: str, stop: str) -> str:
   """The generation up to the first ``stop`` (if any), stripped of surrounding whitespace."""
   if stop and stop in text:
-    text = text[:text.index(stop)]
+    text = text[: text.index(stop)]
   return text.strip()
 
 
-def register_seqio_task(task: FewShotTask, vocabulary: seqio.Vocabulary | None = None) -> seqio.Task:
+def register_seqio_task(
+  task: FewShotTask, vocabulary: seqio.Vocabulary | None = None
+) -> seqio.Task:
   """Registers (or replaces) seqio task ``task.name`` over the task's rows.
 
   Features ``inputs`` and ``targets`` (no EOS) use ``vocabulary`` (default: the project's lazily
-  resolved vocabulary, ``get_vocabulary`` from gin). Extra fields ``idx``, ``choice``,
+  resolved vocabulary ``vocab.shared_vocabulary()``, ``get_vocabulary`` from gin, the instance the
+  corpus tasks use, so mixtures of both compare equal by identity). Extra fields ``idx``, ``choice``,
   ``is_correct``, ``answers`` pass through for the metrics.
   """
   if vocabulary is None:
-    from lifelong_moe_jax.data import vocab as vocab_lib  # pylint: disable=import-outside-toplevel
-    vocabulary = _shared_lazy_vocabulary(vocab_lib)
-  features = {"inputs": seqio.Feature(vocabulary, add_eos=False, dtype=tf.int32),
-              "targets": seqio.Feature(vocabulary, add_eos=False, dtype=tf.int32)}
+    vocabulary = vocab_lib.shared_vocabulary()
+  features = {
+    "inputs": seqio.Feature(vocabulary, add_eos=False, dtype=tf.int32),
+    "targets": seqio.Feature(vocabulary, add_eos=False, dtype=tf.int32),
+  }
   if task.name in seqio.TaskRegistry.names():
     seqio.TaskRegistry.remove(task.name)
   return seqio.TaskRegistry.add(
-      task.name,
-      source=seqio.FunctionDataSource(functools.partial(_dataset_fn, task_name=task.name),
-                                      splits=task.splits, caching_permitted=False),
-      output_features=features,
-      preprocessors=[tokenize_prompt_and_continuation],
-      postprocess_fn=FewShotPostprocessor(task.name),
-      metric_fns=task.metric_fns())
-
-
-@functools.lru_cache(maxsize=1)
-def _shared_lazy_vocabulary(vocab_lib) -> seqio.Vocabulary:
-  try:  # share the corpora tasks' instance, so mixtures of both compare equal by identity
-    corpora = importlib.import_module("tasks.corpora")
-    return corpora.VOCABULARY
-  except ModuleNotFoundError:
-    return vocab_lib.LazyVocabulary()
+    task.name,
+    source=seqio.FunctionDataSource(
+      functools.partial(_dataset_fn, task_name=task.name),
+      splits=task.splits,
+      caching_permitted=False,
+    ),
+    output_features=features,
+    preprocessors=[tokenize_prompt_and_continuation],
+    postprocess_fn=FewShotPostprocessor(task.name),
+    metric_fns=task.metric_fns(),
+  )

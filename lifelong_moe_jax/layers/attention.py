@@ -7,6 +7,7 @@ earlier tokens of its own segment. For decoding, ``decode=True`` keeps ``cached_
 ``cache_index []`` in the flax ``cache`` collection; each call appends its tokens at
 ``cache_index`` and attends to everything cached so far.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -55,6 +56,7 @@ class Attention(nn.Module):
   Params: ``query``/``key``/``value`` kernels ``[embed, heads, head_dim]`` and ``out``
   ``[heads, head_dim, embed]`` with logical axes ``('embed', 'heads', 'kv')``.
   """
+
   num_heads: int
   head_dim: int
   max_length: int = 2048
@@ -62,8 +64,15 @@ class Attention(nn.Module):
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x: Array, positions: Array, segment_ids: Array | None = None, *,
-               decode: bool = False, token_mask: Array | None = None) -> Array:
+  def __call__(
+    self,
+    x: Array,
+    positions: Array,
+    segment_ids: Array | None = None,
+    *,
+    decode: bool = False,
+    token_mask: Array | None = None,
+  ) -> Array:
     """Attends causally.
 
     Args:
@@ -82,8 +91,12 @@ class Attention(nn.Module):
     wq = self.param("query", qkv_init, shape, jnp.float32)
     wk = self.param("key", qkv_init, shape, jnp.float32)
     wv = self.param("value", qkv_init, shape, jnp.float32)
-    wo = self.param("out", nn.with_logical_partitioning(default_kernel_init, ("heads", "kv", "embed")),
-                    (self.num_heads, self.head_dim, embed), jnp.float32)
+    wo = self.param(
+      "out",
+      nn.with_logical_partitioning(default_kernel_init, ("heads", "kv", "embed")),
+      (self.num_heads, self.head_dim, embed),
+      jnp.float32,
+    )
     proj = lambda w: jnp.einsum("bld,dhk->blhk", x, w.astype(self.dtype))
     q, k, v = proj(wq), proj(wk), proj(wv)
     q = rotary_embedding(q, positions, self.rope_max_wavelength)

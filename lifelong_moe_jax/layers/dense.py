@@ -3,6 +3,7 @@
 Every parameter carries logical axis names (flax ``LogicallyPartitioned`` metadata); the mesh
 rules in ``partitioning.py`` map them to mesh axes.
 """
+
 from __future__ import annotations
 
 from typing import Any, Callable
@@ -24,14 +25,19 @@ def activation_fn(name: str) -> Callable[[Array], Array]:
 
 class RMSNorm(nn.Module):
   """Root-mean-square layer norm with a learned scale ``[embed]``; computed in float32."""
+
   epsilon: float = 1e-6
   dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
     """x: [..., embed] -> [..., embed] in ``dtype``."""
-    scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("embed",)),
-                       (x.shape[-1],), jnp.float32)
+    scale = self.param(
+      "scale",
+      nn.with_logical_partitioning(nn.initializers.ones, ("embed",)),
+      (x.shape[-1],),
+      jnp.float32,
+    )
     x32 = x.astype(jnp.float32)
     normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.epsilon)
     return (normed * scale).astype(self.dtype)
@@ -39,14 +45,18 @@ class RMSNorm(nn.Module):
 
 class Embed(nn.Module):
   """Token embedding table ``[vocab, embed]``; ``attend`` gives tied logits."""
+
   vocab_size: int
   features: int
   dtype: Any = jnp.float32
 
   def setup(self):
     self.embedding = self.param(
-        "embedding", nn.with_logical_partitioning(embedding_init, ("vocab", "embed")),
-        (self.vocab_size, self.features), jnp.float32)
+      "embedding",
+      nn.with_logical_partitioning(embedding_init, ("vocab", "embed")),
+      (self.vocab_size, self.features),
+      jnp.float32,
+    )
 
   def __call__(self, ids: Array) -> Array:
     """ids: int [batch, length] -> [batch, length, embed]."""
@@ -62,6 +72,7 @@ class MlpBlock(nn.Module):
 
   With ``gated`` the hidden state is ``act(x @ wi_gate) * (x @ wi)`` (GLU family).
   """
+
   mlp_dim: int
   activation: str = "gelu"
   gated: bool = False
@@ -81,6 +92,10 @@ class MlpBlock(nn.Module):
     else:
       h = act(h)
     h = nn.with_logical_constraint(h, ("batch", "length", "mlp"))
-    wo = self.param("wo", nn.with_logical_partitioning(default_kernel_init, ("mlp", "embed")),
-                    (self.mlp_dim, embed), jnp.float32)
+    wo = self.param(
+      "wo",
+      nn.with_logical_partitioning(default_kernel_init, ("mlp", "embed")),
+      (self.mlp_dim, embed),
+      jnp.float32,
+    )
     return jnp.einsum("blh,hd->bld", h, wo.astype(self.dtype))

@@ -16,6 +16,7 @@ decay cannot move them, whatever the optimizer state holds for them). Frozen ent
 bit-identical. The wrapped optimizer's state is exactly ``tx``'s state (same structure), so
 checkpoints do not depend on the freezing.
 """
+
 from __future__ import annotations
 
 from typing import Any, Sequence
@@ -25,13 +26,14 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from lifelong_moe_jax.lifelong.surgery import flatten_with_axes, moe_layer_rows
+from lifelong_moe_jax.param_tree import flatten_with_axes, moe_layer_rows
 
 FrozenExperts = int | Sequence[int] | None
 
 
-def freeze_mask(params: Any, params_axes: Any, frozen_experts: FrozenExperts, *,
-                freeze_shared: bool = False) -> Any:
+def freeze_mask(
+  params: Any, params_axes: Any, frozen_experts: FrozenExperts, *, freeze_shared: bool = False
+) -> Any:
   """Boolean mask pytree (True = frozen), each leaf broadcastable to its param.
 
   Args:
@@ -50,8 +52,9 @@ def freeze_mask(params: Any, params_axes: Any, frozen_experts: FrozenExperts, *,
   treedef, infos = flatten_with_axes(params, params_axes)
   counts = np.atleast_1d(np.asarray(0 if frozen_experts is None else frozen_experts, np.int64))
   if counts.ndim != 1 or np.any(counts < 0):
-    raise ValueError(f"frozen_experts must be a non-negative int or one per MoE layer, got "
-                     f"{frozen_experts!r}.")
+    raise ValueError(
+      f"frozen_experts must be a non-negative int or one per MoE layer, got {frozen_experts!r}."
+    )
   rows = moe_layer_rows(infos, counts[:, None], "frozen_experts")
   masks = []
   for info in infos:
@@ -62,8 +65,9 @@ def freeze_mask(params: Any, params_axes: Any, frozen_experts: FrozenExperts, *,
     num_experts = np.shape(info.value)[info.expert_axis]
     k = np.asarray(rows[info.key])[..., 0]  # [] or [layers]
     if np.any(k > num_experts):
-      raise ValueError(f"{info.key}: cannot freeze {int(np.max(k))} experts, it has only "
-                       f"{num_experts}.")
+      raise ValueError(
+        f"{info.key}: cannot freeze {int(np.max(k))} experts, it has only {num_experts}."
+      )
     shape = [1] * ndim
     shape[info.expert_axis] = num_experts
     index = np.arange(num_experts)
@@ -96,11 +100,13 @@ def frozen_count(mask: Any, params: Any) -> tuple[int, int]:
 def _apply_mask(mask: Any, tree: Any) -> Any:
   def zero(m, u):
     return None if u is None else jnp.where(m, jnp.zeros((), u.dtype), u)
+
   return jax.tree_util.tree_map(zero, mask, tree, is_leaf=lambda x: x is None)
 
 
 def freeze_updates(mask: Any) -> optax.GradientTransformation:
   """Stateless transformation that sets updates of frozen (True) entries to exactly zero."""
+
   def init_fn(params):
     del params
     return optax.EmptyState()
@@ -112,8 +118,9 @@ def freeze_updates(mask: Any) -> optax.GradientTransformation:
   return optax.GradientTransformation(init_fn, update_fn)
 
 
-def with_frozen(tx: optax.GradientTransformation,
-                mask: Any) -> optax.GradientTransformationExtraArgs:
+def with_frozen(
+  tx: optax.GradientTransformation, mask: Any
+) -> optax.GradientTransformationExtraArgs:
   """``tx`` with frozen entries receiving exactly zero update (state structure of ``tx`` unchanged).
 
   Gradients of frozen entries are zeroed before ``tx`` and the final updates after it, so

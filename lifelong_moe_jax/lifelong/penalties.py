@@ -14,18 +14,19 @@ on the new expert slices (new experts are not anchored; old slices are).
 ``distill.Regularizer``): ``init_state`` hands their ``QuadraticAnchor`` and its logical axes to
 the trainer, which shards it like the params and passes it to ``__call__`` as ``aux_state``.
 """
+
 from __future__ import annotations
 
 from typing import Any, Iterable
 
 import flax
-import gin
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
-from lifelong_moe_jax.lifelong.surgery import flatten_with_axes, pad_experts
+from lifelong_moe_jax import checkpoints
+from lifelong_moe_jax.param_tree import flatten_with_axes, pad_experts
 from lifelong_moe_jax.models.lm import Batch, LanguageModel
 
 Array = jax.Array
@@ -40,6 +41,7 @@ class QuadraticAnchor:
     importance: params-structured pytree; each leaf broadcastable to its param (L2 uses
       ``[1, .., 1]`` ones before any expansion, EWC the Fisher with the params' shapes).
   """
+
   anchor: Any
   importance: Any
 
@@ -70,8 +72,9 @@ class QuadraticAnchor:
         shape[ea] = num_experts
         imp = np.broadcast_to(np.asarray(imp), shape)
       weights.append(pad_experts(imp, ea, add_experts, info.key + " (importance)"))
-    return QuadraticAnchor(jax.tree_util.tree_unflatten(treedef, anchors),
-                           jax.tree_util.tree_unflatten(treedef, weights))
+    return QuadraticAnchor(
+      jax.tree_util.tree_unflatten(treedef, anchors), jax.tree_util.tree_unflatten(treedef, weights)
+    )
 
   def logical_axes(self, params_axes: Any) -> "QuadraticAnchor":
     """Logical axes of this anchor: the params' for ``anchor``; for ``importance`` the same with
@@ -107,8 +110,10 @@ def quadratic_distance(params: Any, anchor: QuadraticAnchor) -> Array:
   total = jnp.zeros((), jnp.float32)
   for p, a, w in zip(p_leaves, a_leaves, w_leaves):
     if np.shape(p) != np.shape(a):
-      raise ValueError(f"Anchor leaf {np.shape(a)} does not match param {np.shape(p)}: expand the "
-                       "anchor with QuadraticAnchor.expand_to after surgery.")
+      raise ValueError(
+        f"Anchor leaf {np.shape(a)} does not match param {np.shape(p)}: expand the "
+        "anchor with QuadraticAnchor.expand_to after surgery."
+      )
     diff = p.astype(jnp.float32) - a.astype(jnp.float32)
     total = total + jnp.sum(jnp.asarray(w, jnp.float32) * diff * diff)
   return total
@@ -127,50 +132,67 @@ class _AnchorPenalty:
   def init_state(self, ctx: Any) -> tuple[QuadraticAnchor, QuadraticAnchor]:
     """``(anchor, its logical axes)``; the anchor must match the (expanded) params' shapes."""
     if self.anchor is None:
-      raise ValueError(f"{type(self).__name__} needs an anchor: the previous phase's final params "
-                       "as a QuadraticAnchor (l2_anchor / ewc_anchor, then expand_to after "
-                       "surgery).")
-    for p, a in zip(jax.tree_util.tree_leaves(ctx.params),
-                    jax.tree_util.tree_leaves(self.anchor.anchor)):
+      raise ValueError(
+        f"{type(self).__name__} needs an anchor: the previous phase's final params "
+        "as a QuadraticAnchor (l2_anchor / ewc_anchor, then expand_to after "
+        "surgery)."
+      )
+    for p, a in zip(
+      jax.tree_util.tree_leaves(ctx.params), jax.tree_util.tree_leaves(self.anchor.anchor)
+    ):
       if np.shape(p) != np.shape(a):
-        raise ValueError(f"Anchor leaf {np.shape(a)} does not match param {np.shape(p)}: expand "
-                         "the anchor with QuadraticAnchor.expand_to(params_axes, add_experts).")
+        raise ValueError(
+          f"Anchor leaf {np.shape(a)} does not match param {np.shape(p)}: expand "
+          "the anchor with QuadraticAnchor.expand_to(params_axes, add_experts)."
+        )
     return self.anchor, self.anchor.logical_axes(ctx.params_axes)
 
-  def __call__(self, params: Any, batch: Batch, student_logits: Array, aux_state: QuadraticAnchor,
-               rng: Array | None = None) -> tuple[Array, dict[str, Array]]:
+  def __call__(
+    self,
+    params: Any,
+    batch: Batch,
+    student_logits: Array,
+    aux_state: QuadraticAnchor,
+    rng: Array | None = None,
+  ) -> tuple[Array, dict[str, Array]]:
     """Returns ``((weight / 2) * distance, {"distance": distance})``; aux_state is the anchor."""
     del batch, student_logits, rng
     distance = quadratic_distance(params, aux_state)
     return 0.5 * self.weight * distance, {"distance": distance}
 
 
-@gin.configurable(denylist=["anchor"])
 class L2Penalty(_AnchorPenalty):
   """Online L2 to the previous phase's final params: ``(weight/2) * sum m (theta - theta*)^2``.
 
   ``anchor``: ``l2_anchor(previous params)`` (then ``expand_to`` after surgery).
   """
 
-  def __init__(self, weight: float = 1.0, anchor: QuadraticAnchor | None = None, *,
-               name: str = "l2"):
+  def __init__(
+    self, weight: float = 1.0, anchor: QuadraticAnchor | None = None, *, name: str = "l2"
+  ):
     super().__init__(weight, anchor, name=name)
 
 
-@gin.configurable(denylist=["anchor"])
 class EWCPenalty(_AnchorPenalty):
   """EWC: ``(weight/2) * sum F (theta - theta*)^2`` with the diagonal Fisher ``F``.
 
   ``anchor``: ``ewc_anchor(previous params, estimate_fisher(...))`` (then ``expand_to``).
   """
 
-  def __init__(self, weight: float = 1.0, anchor: QuadraticAnchor | None = None, *,
-               name: str = "ewc"):
+  def __init__(
+    self, weight: float = 1.0, anchor: QuadraticAnchor | None = None, *, name: str = "ewc"
+  ):
     super().__init__(weight, anchor, name=name)
 
 
-def estimate_fisher(model: LanguageModel, params: Any, batches: Iterable[Batch], *,
-                    num_batches: int | None = None, loss: str = "cross_entropy") -> Any:
+def estimate_fisher(
+  model: LanguageModel,
+  params: Any,
+  batches: Iterable[Batch],
+  *,
+  num_batches: int | None = None,
+  loss: str = "cross_entropy",
+) -> Any:
   """Diagonal empirical Fisher: mean over batches of the squared batch gradient.
 
   ``F = (1/B) sum_b (d L_b / d theta)^2`` where ``L_b`` is the batch's mean token loss (eval mode,
@@ -210,3 +232,27 @@ def estimate_fisher(model: LanguageModel, params: Any, batches: Iterable[Batch],
   if count == 0:
     raise ValueError("estimate_fisher got no batches.")
   return jax.tree_util.tree_map(lambda a: a / count, acc)
+
+
+# ------------------------------------------------------------------------------- Fisher storage
+def save_fisher(directory: str, fisher: Any) -> None:
+  """Writes a Fisher pytree with orbax (sharded arrays are written shard by shard)."""
+  import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
+
+  with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as ckptr:
+    ckptr.save(checkpoints.absolute(directory), args=ocp.args.PyTreeSave(fisher))
+
+
+def load_fisher(directory: str, abstract: Any) -> Any:
+  """Reads a Fisher pytree saved by ``save_fisher`` into ``abstract``'s shapes and shardings."""
+  import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
+
+  restore_args = jax.tree_util.tree_map(
+    lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding, global_shape=x.shape, dtype=x.dtype),
+    abstract,
+  )
+  with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as ckptr:
+    return ckptr.restore(
+      checkpoints.absolute(directory),
+      args=ocp.args.PyTreeRestore(abstract, restore_args=restore_args),
+    )

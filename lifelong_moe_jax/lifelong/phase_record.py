@@ -16,6 +16,7 @@ Example::
                                add_experts=4, init="copy")
   record.expert_slices()  # {"A": (0, 4), "B": (4, 8)}
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -24,6 +25,9 @@ import os
 from typing import Any, Mapping, Sequence
 
 FORMAT_VERSION = 1
+
+
+METADATA_KEY = "lifelong"  # checkpoint metadata key of the lifelong info (phase record, ...)
 
 
 class PhaseRecordError(ValueError):
@@ -46,6 +50,7 @@ class Phase:
       or for phase 0.
     extra: free-form JSON-serialisable details (noise scale, source experts, ...).
   """
+
   name: str
   mixture: str
   steps: int
@@ -75,14 +80,16 @@ class Phase:
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = set(data) - known
     if unknown:
-      raise PhaseRecordError(f"Unknown phase fields {sorted(unknown)}; expected a subset of "
-                             f"{sorted(known)}.")
+      raise PhaseRecordError(
+        f"Unknown phase fields {sorted(unknown)}; expected a subset of {sorted(known)}."
+      )
     return cls(**{**data, "extra": dict(data.get("extra", {}))})
 
 
 @dataclasses.dataclass(frozen=True)
 class PhaseRecord:
   """Ordered phases of one lifelong run (immutable; ``append_phase`` returns a new record)."""
+
   phases: tuple[Phase, ...]
 
   def __post_init__(self):
@@ -91,27 +98,63 @@ class PhaseRecord:
 
   # ----------------------------------------------------------------------------- construction
   @classmethod
-  def start(cls, name: str, *, mixture: str, steps: int, method: str, num_experts: int,
-            extra: Mapping[str, Any] | None = None) -> "PhaseRecord":
+  def start(
+    cls,
+    name: str,
+    *,
+    mixture: str,
+    steps: int,
+    method: str,
+    num_experts: int,
+    extra: Mapping[str, Any] | None = None,
+  ) -> "PhaseRecord":
     """A record whose only phase (phase 0) owns experts ``[0, num_experts)``."""
-    return cls((Phase(name=name, mixture=mixture, steps=steps, method=method,
-                      num_experts=num_experts, expert_start=0, expert_end=num_experts,
-                      extra=dict(extra or {})),))
+    return cls(
+      (
+        Phase(
+          name=name,
+          mixture=mixture,
+          steps=steps,
+          method=method,
+          num_experts=num_experts,
+          expert_start=0,
+          expert_end=num_experts,
+          extra=dict(extra or {}),
+        ),
+      )
+    )
 
-  def append_phase(self, name: str, *, mixture: str, steps: int, method: str,
-                   add_experts: int = 0, init: str | None = None,
-                   extra: Mapping[str, Any] | None = None) -> "PhaseRecord":
+  def append_phase(
+    self,
+    name: str,
+    *,
+    mixture: str,
+    steps: int,
+    method: str,
+    add_experts: int = 0,
+    init: str | None = None,
+    extra: Mapping[str, Any] | None = None,
+  ) -> "PhaseRecord":
     """A new record with one more phase that owns ``[E, E + add_experts)``, ``E = num_experts``."""
     if add_experts < 0:
       raise PhaseRecordError(f"add_experts must be >= 0, got {add_experts}.")
     if add_experts and init is None:
-      raise PhaseRecordError(f"Phase {name!r} adds {add_experts} experts: say how they were "
-                             "initialised (init='copy' or 'random').")
+      raise PhaseRecordError(
+        f"Phase {name!r} adds {add_experts} experts: say how they were "
+        "initialised (init='copy' or 'random')."
+      )
     start = self.num_experts
-    phase = Phase(name=name, mixture=mixture, steps=steps, method=method,
-                  num_experts=start + add_experts, expert_start=start,
-                  expert_end=start + add_experts, init=init if add_experts else None,
-                  extra=dict(extra or {}))
+    phase = Phase(
+      name=name,
+      mixture=mixture,
+      steps=steps,
+      method=method,
+      num_experts=start + add_experts,
+      expert_start=start,
+      expert_end=start + add_experts,
+      init=init if add_experts else None,
+      extra=dict(extra or {}),
+    )
     return PhaseRecord(self.phases + (phase,))
 
   # ----------------------------------------------------------------------------- queries
@@ -167,14 +210,18 @@ class PhaseRecord:
       if p.steps < 0:
         raise PhaseRecordError(f"{where}: steps must be >= 0, got {p.steps}.")
       if p.expert_start != previous:
-        raise PhaseRecordError(f"{where}: its expert slice starts at {p.expert_start} but the "
-                               f"previous phase ends at {previous}; slices must be contiguous.")
+        raise PhaseRecordError(
+          f"{where}: its expert slice starts at {p.expert_start} but the "
+          f"previous phase ends at {previous}; slices must be contiguous."
+        )
       if p.expert_end < p.expert_start:
-        raise PhaseRecordError(f"{where}: empty-or-negative slice [{p.expert_start}, "
-                               f"{p.expert_end}).")
+        raise PhaseRecordError(
+          f"{where}: empty-or-negative slice [{p.expert_start}, {p.expert_end})."
+        )
       if p.num_experts != p.expert_end:
-        raise PhaseRecordError(f"{where}: num_experts={p.num_experts} but its slice ends at "
-                               f"{p.expert_end}.")
+        raise PhaseRecordError(
+          f"{where}: num_experts={p.num_experts} but its slice ends at {p.expert_end}."
+        )
       if i == 0 and p.num_experts <= 0:
         raise PhaseRecordError(f"{where}: the first phase must own at least one expert.")
       if p.init not in (None, "copy", "random"):
@@ -198,8 +245,9 @@ class PhaseRecord:
     for name, count in counts.items():
       if count != self.num_experts:
         raise PhaseRecordError(
-            f"{name} has {count} experts but the phase record says {self.num_experts} after phase "
-            f"{self.phases[-1].name!r}: the checkpoint and its phase record disagree.")
+          f"{name} has {count} experts but the phase record says {self.num_experts} after phase "
+          f"{self.phases[-1].name!r}: the checkpoint and its phase record disagree."
+        )
 
   # ----------------------------------------------------------------------------- serialisation
   def to_dict(self) -> dict[str, Any]:
@@ -209,8 +257,9 @@ class PhaseRecord:
   def from_dict(cls, data: Mapping[str, Any]) -> "PhaseRecord":
     version = data.get("format_version")
     if version != FORMAT_VERSION:
-      raise PhaseRecordError(f"Unsupported phase record format_version {version!r} "
-                             f"(this code reads {FORMAT_VERSION}).")
+      raise PhaseRecordError(
+        f"Unsupported phase record format_version {version!r} (this code reads {FORMAT_VERSION})."
+      )
     return cls(tuple(Phase.from_dict(p) for p in data["phases"]))
 
   def to_json(self) -> str:
@@ -232,3 +281,9 @@ class PhaseRecord:
   def load(cls, path: str | os.PathLike) -> "PhaseRecord":
     with open(os.fspath(path), encoding="utf-8") as f:
       return cls.from_json(f.read())
+
+
+def record_from_metadata(metadata: Mapping[str, Any]) -> PhaseRecord | None:
+  """The phase record saved in a checkpoint's metadata (``metadata["lifelong"]``), or None."""
+  saved = (metadata.get(METADATA_KEY) or {}).get("phase_record")
+  return PhaseRecord.from_dict(saved) if saved else None

@@ -4,18 +4,25 @@
 function of those results, so a run interrupted and resumed yields the same report as an
 uninterrupted one (apart from the ``timing`` entries, which measure wall-clock time).
 ``write_report`` writes ``report.json``, ``report.md``, ``forgetting.png``, ``fewshot.png`` (when
-few-shot scores exist) and one ``expert_usage_<method>.png`` per MoE method, each atomically.
+few-shot scores exist), ``routing.png`` (when routing was analysed) and one
+``expert_usage_<method>.png`` per MoE method, each atomically.
 
 Forgetting of a distribution = perplexity after the last completed phase minus perplexity right
-after the last phase that trained on it (positive = forgot). Distributions never trained on have
-no forgetting value.
+after the last phase that trained on it (positive = forgot); relative forgetting = the same as a
+percentage of the latter. Distributions never trained on have no forgetting value. The step-0 and
+routing sections (and ``routing.png``) come from ``analysis_report.py``.
 """
+
 from __future__ import annotations
 
 import json
 import math
 import os
-from typing import Any, Mapping, Sequence
+import tempfile
+from typing import Any, Callable, Mapping, Sequence
+
+from lifelong_moe_jax.lifelong import analysis_report
+from lifelong_moe_jax.lifelong import claims
 
 REPORT_FORMAT_VERSION = 1
 TIMING_KEY = "timing"
@@ -25,7 +32,7 @@ FEWSHOT_PNG = "fewshot.png"
 
 def short_task(task: str) -> str:
   """``lifelong_wiki_en`` -> ``wiki_en`` (display only)."""
-  return task[len("lifelong_"):] if task.startswith("lifelong_") else task
+  return task[len("lifelong_") :] if task.startswith("lifelong_") else task
 
 
 def usage_png_name(method: str) -> str:
@@ -36,7 +43,7 @@ def usage_png_name(method: str) -> str:
 def _own_phase(task: str, phase_tasks: Sequence[Sequence[str]], upto: int) -> int | None:
   """Index of the last phase <= ``upto`` whose data holds ``task`` (None: never trained)."""
   own = None
-  for i, tasks in enumerate(phase_tasks[:upto + 1]):
+  for i, tasks in enumerate(phase_tasks[: upto + 1]):
     if task in tasks:
       own = i
   return own
@@ -61,43 +68,63 @@ def fewshot_summary(results: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
           if key in values:
             tasks[task][key] = values[key]
   for task, entry in tasks.items():
-    entry["scores"] = [((r.get("callbacks") or {}).get("fewshot") or {}).get(task, {}).get(
-        entry["metric"]) for r in results]
+    entry["scores"] = [
+      ((r.get("callbacks") or {}).get("fewshot") or {}).get(task, {}).get(entry["metric"])
+      for r in results
+    ]
   return tasks
 
 
-def method_summary(results: Sequence[Mapping[str, Any]], eval_tasks: Sequence[str],
-                   phase_tasks: Sequence[Sequence[str]]) -> dict[str, Any]:
+def method_summary(
+  results: Sequence[Mapping[str, Any]],
+  eval_tasks: Sequence[str],
+  phase_tasks: Sequence[Sequence[str]],
+) -> dict[str, Any]:
   """Per-method matrices and forgetting from its phase results (in phase order)."""
   perplexity = {t: [r["eval"][t]["perplexity"] for r in results] for t in eval_tasks}
   loss = {t: [r["eval"][t]["loss"] for r in results] for t in eval_tasks}
   last = len(results) - 1
   forgetting: dict[str, float | None] = {}
+  relative: dict[str, float | None] = {}
   after_own: dict[str, float | None] = {}
   for t in eval_tasks:
     own = _own_phase(t, phase_tasks, last)
     after_own[t] = None if own is None else perplexity[t][own]
     forgetting[t] = None if own is None else perplexity[t][last] - perplexity[t][own]
+    relative[t] = None if own is None else 100.0 * (perplexity[t][last] / perplexity[t][own] - 1.0)
   final = {t: perplexity[t][last] for t in eval_tasks}
   trained = [v for v in forgetting.values() if v is not None]
+  trained_relative = [v for v in relative.values() if v is not None]
   return {
-      "phases_completed": len(results),
-      "perplexity": perplexity, "loss": loss,
-      "perplexity_after_own_phase": after_own,
-      "forgetting": forgetting,
-      "final_perplexity": final,
-      "mean_final_perplexity": sum(final.values()) / len(final) if final else None,
-      "mean_forgetting": sum(trained) / len(trained) if trained else None,
-      "experts_per_layer": [r["experts_per_layer"] for r in results],
-      "fewshot": fewshot_summary(results),
+    "phases_completed": len(results),
+    "perplexity": perplexity,
+    "loss": loss,
+    "perplexity_after_own_phase": after_own,
+    "forgetting": forgetting,
+    "final_perplexity": final,
+    "mean_final_perplexity": sum(final.values()) / len(final) if final else None,
+    "mean_forgetting": sum(trained) / len(trained) if trained else None,
+    "relative_forgetting": relative,
+    "mean_relative_forgetting": (
+      sum(trained_relative) / len(trained_relative) if trained_relative else None
+    ),
+    "final_token_weighted_nll": claims.token_weighted_nll(results[last]["eval"], eval_tasks),
+    "step0": analysis_report.step0_summary(results),
+    "experts_per_layer": [r["experts_per_layer"] for r in results],
+    "fewshot": fewshot_summary(results),
   }
 
 
-def build_report(*, schedule: Mapping[str, Any], model_config: Mapping[str, Any],
-                 options: Mapping[str, Any], eval_tasks: Sequence[str],
-                 phase_tasks: Sequence[Sequence[str]],
-                 results: Mapping[str, Sequence[Mapping[str, Any]]],
-                 method_specs: Mapping[str, Mapping[str, Any]] | None = None) -> dict[str, Any]:
+def build_report(
+  *,
+  schedule: Mapping[str, Any],
+  model_config: Mapping[str, Any],
+  options: Mapping[str, Any],
+  eval_tasks: Sequence[str],
+  phase_tasks: Sequence[Sequence[str]],
+  results: Mapping[str, Sequence[Mapping[str, Any]]],
+  method_specs: Mapping[str, Mapping[str, Any]] | None = None,
+) -> dict[str, Any]:
   """The report dict (see docs/lifelong_runner.md for the schema).
 
   Args:
@@ -113,15 +140,21 @@ def build_report(*, schedule: Mapping[str, Any], model_config: Mapping[str, Any]
   methods = {}
   for name, phases in results.items():
     methods[name] = {
-        "spec": dict((method_specs or {}).get(name) or {}) or None,
-        "complete": len(phases) == num_phases,
-        "phases": [{k: v for k, v in r.items() if k != "format_version"} for r in phases],
-        **method_summary(phases, eval_tasks, phase_tasks),
+      "spec": dict((method_specs or {}).get(name) or {}) or None,
+      "complete": len(phases) == num_phases,
+      "phases": [{k: v for k, v in r.items() if k != "format_version"} for r in phases],
+      **method_summary(phases, eval_tasks, phase_tasks),
     }
-  return {"format_version": REPORT_FORMAT_VERSION, "schedule": dict(schedule),
-          "model_config": dict(model_config), "options": dict(options),
-          "eval_tasks": list(eval_tasks), "phase_tasks": [list(t) for t in phase_tasks],
-          "phase_names": [p["name"] for p in schedule["phases"]], "methods": methods}
+  return {
+    "format_version": REPORT_FORMAT_VERSION,
+    "schedule": dict(schedule),
+    "model_config": dict(model_config),
+    "options": dict(options),
+    "eval_tasks": list(eval_tasks),
+    "phase_tasks": [list(t) for t in phase_tasks],
+    "phase_names": [p["name"] for p in schedule["phases"]],
+    "methods": methods,
+  }
 
 
 def without_timing(report: Any) -> Any:
@@ -146,6 +179,10 @@ def _signed(value: float | None) -> str:
   return "-" if value is None else f"{value:+.2f}"
 
 
+def _percent(value: float | None) -> str:
+  return "-" if value is None else f"{value:+.1f}%"
+
+
 def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
   lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
   lines += ["| " + " | ".join(row) + " |" for row in rows]
@@ -155,17 +192,34 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
 def comparison_table(report: Mapping[str, Any]) -> list[str]:
   """Markdown: per method, final perplexity of every distribution, forgetting, step time."""
   tasks = report["eval_tasks"]
-  header = (["method", "phases"] + [f"{short_task(t)} ppl" for t in tasks]
-            + ["mean ppl", "mean forgetting", "experts/layer", "s/step per phase"])
+  header = (
+    ["method", "phases"]
+    + [f"{short_task(t)} ppl" for t in tasks]
+    + [
+      "mean ppl",
+      "mean forgetting",
+      "mean rel. forgetting",
+      "token-weighted NLL",
+      "experts/layer",
+      "s/step per phase",
+    ]
+  )
   rows = []
   for name, m in report["methods"].items():
     step_times = [p.get(TIMING_KEY, {}).get("step_time") for p in m["phases"]]
     experts = m["experts_per_layer"][-1]
-    rows.append([name, str(m["phases_completed"])]
-                + [_fmt(m["final_perplexity"][t]) for t in tasks]
-                + [_fmt(m["mean_final_perplexity"]), _signed(m["mean_forgetting"]),
-                   str(experts[0]) if experts else "dense",
-                   " / ".join(_fmt(s, 3) for s in step_times)])
+    rows.append(
+      [name, str(m["phases_completed"])]
+      + [_fmt(m["final_perplexity"][t]) for t in tasks]
+      + [
+        _fmt(m["mean_final_perplexity"]),
+        _signed(m["mean_forgetting"]),
+        _percent(m.get("mean_relative_forgetting")),
+        _fmt(m.get("final_token_weighted_nll"), 4),
+        str(experts[0]) if experts else "dense",
+        " / ".join(_fmt(s, 3) for s in step_times),
+      ]
+    )
   return _table(header, rows)
 
 
@@ -183,8 +237,11 @@ def headline_table(report: Mapping[str, Any]) -> list[str]:
   for name, m in report["methods"].items():
     row = [name]
     for t in first:
-      row += [_fmt(m["perplexity"][t][0]), _fmt(m["final_perplexity"][t]),
-              _signed(m["forgetting"][t])]
+      row += [
+        _fmt(m["perplexity"][t][0]),
+        _fmt(m["final_perplexity"][t]),
+        _signed(m["forgetting"][t]),
+      ]
     row += [_fmt(m["final_perplexity"][t]) for t in last if t not in first]
     row += [" / ".join(_fmt(p.get(TIMING_KEY, {}).get("step_time"), 3) for p in m["phases"])]
     rows.append(row)
@@ -195,7 +252,7 @@ def forgetting_table(name: str, m: Mapping[str, Any], report: Mapping[str, Any])
   """Markdown: perplexity of each distribution (rows) after each phase (columns) + forgetting."""
   tasks = report["eval_tasks"]
   phases = [p["phase"] for p in m["phases"]]
-  header = ["distribution"] + [f"after {p}" for p in phases] + ["forgetting"]
+  header = ["distribution"] + [f"after {p}" for p in phases] + ["forgetting", "rel. forgetting"]
   rows = []
   for t in tasks:
     own = _own_phase(t, report["phase_tasks"], len(phases) - 1)
@@ -203,7 +260,11 @@ def forgetting_table(name: str, m: Mapping[str, Any], report: Mapping[str, Any])
     for i, v in enumerate(m["perplexity"][t]):
       cell = _fmt(v)
       cells.append(f"**{cell}**" if i == own else cell)
-    rows.append([short_task(t)] + cells + [_signed(m["forgetting"][t])])
+    rows.append(
+      [short_task(t)]
+      + cells
+      + [_signed(m["forgetting"][t]), _percent((m.get("relative_forgetting") or {}).get(t))]
+    )
   return _table(header, rows)
 
 
@@ -214,8 +275,10 @@ def fewshot_table(report: Mapping[str, Any]) -> list[str]:
   for name, m in report["methods"].items():
     for task, entry in m.get("fewshot", {}).items():
       scores = entry["scores"] + [None] * (len(names) - len(entry["scores"]))
-      rows.append([name, task, str(entry.get("num_shots", "?")), entry["metric"],
-                   _fmt(entry["chance"], 1)] + [_fmt(v, 1) for v in scores])
+      rows.append(
+        [name, task, str(entry.get("num_shots", "?")), entry["metric"], _fmt(entry["chance"], 1)]
+        + [_fmt(v, 1) for v in scores]
+      )
   if not rows:
     return []
   return _table(["method", "task", "k", "metric", "chance"] + [f"after {n}" for n in names], rows)
@@ -228,9 +291,17 @@ def timing_table(report: Mapping[str, Any]) -> list[str]:
     for p in m["phases"]:
       t = p.get(TIMING_KEY, {})
       experts = p["experts_per_layer"]
-      rows.append([name, p["phase"], str(experts[0]) if experts else "dense",
-                   _fmt(t.get("step_time"), 3), _fmt(t.get("tokens_per_second"), 0),
-                   _fmt(t.get("train_wall_s"), 1), _fmt(t.get("eval_wall_s"), 1)])
+      rows.append(
+        [
+          name,
+          p["phase"],
+          str(experts[0]) if experts else "dense",
+          _fmt(t.get("step_time"), 3),
+          _fmt(t.get("tokens_per_second"), 0),
+          _fmt(t.get("train_wall_s"), 1),
+          _fmt(t.get("eval_wall_s"), 1),
+        ]
+      )
   return _table(header, rows)
 
 
@@ -239,19 +310,35 @@ def render_markdown(report: Mapping[str, Any]) -> str:
   sched = report["schedule"]
   lines = ["# Lifelong pretraining report", ""]
   lines += ["## Schedule", ""]
-  lines += _table(["#", "phase", "mixture", "steps", "add experts"],
-                  [[str(i), p["name"], p["mixture"], str(p["steps"]), str(p["add_experts"])]
-                   for i, p in enumerate(sched["phases"])])
-  lines += ["", f"Batch {sched['batch_size']} x {sched['task_feature_lengths']}, "
-            f"seed {sched['seed']}; evaluation: up to {sched['eval_max_batches']} validation "
-            f"batches of {sched['eval_batch_size']} per distribution.", ""]
+  lines += _table(
+    ["#", "phase", "mixture", "steps", "add experts"],
+    [
+      [str(i), p["name"], p["mixture"], str(p["steps"]), str(p["add_experts"])]
+      for i, p in enumerate(sched["phases"])
+    ],
+  )
+  lines += [
+    "",
+    f"Batch {sched['batch_size']} x {sched['task_feature_lengths']}, "
+    f"seed {sched['seed']}; evaluation: up to {sched['eval_max_batches']} validation "
+    f"batches of {sched['eval_batch_size']} per distribution.",
+    "",
+  ]
   lines += ["## Headline", ""]
-  lines += ["Validation perplexity of the first phase's data right after its phase and at the end, "
-            "of the last phase's data at the end, and train step time per phase.", ""]
+  lines += [
+    "Validation perplexity of the first phase's data right after its phase and at the end, "
+    "of the last phase's data at the end, and train step time per phase.",
+    "",
+  ]
   lines += headline_table(report) + [""]
   lines += ["## Comparison after the last completed phase", ""]
-  lines += ["Validation perplexity (lower is better); forgetting = perplexity after the last "
-            "phase minus perplexity right after the distribution's own phase.", ""]
+  lines += [
+    "Validation perplexity (lower is better); forgetting = perplexity after the last "
+    "phase minus perplexity right after the distribution's own phase (rel.: in % of the "
+    "latter, mean over distributions trained so far); token-weighted NLL = mean loss per "
+    "token over every distribution after the last phase.",
+    "",
+  ]
   lines += comparison_table(report) + [""]
   for name, m in report["methods"].items():
     spec = m.get("spec") or {}
@@ -260,12 +347,20 @@ def render_markdown(report: Mapping[str, Any]) -> str:
     lines += forgetting_table(name, m, report) + [""]
   fewshot = fewshot_table(report)
   if fewshot:
-    lines += ["## Few-shot scores after each phase", "",
-              "Scores in percent (higher is better) beside the task's chance level.", ""]
+    lines += [
+      "## Few-shot scores after each phase",
+      "",
+      "Scores in percent (higher is better) beside the task's chance level.",
+      "",
+    ]
     lines += fewshot + [""]
+  lines += analysis_report.markdown_sections(report)
   lines += ["## Train step time per phase", ""]
-  lines += ["Host wall clock, compile time excluded. Lifelong-MoE's promise is a constant cost "
-            "per step while experts are added (top-k routing).", ""]
+  lines += [
+    "Host wall clock, compile time excluded. Lifelong-MoE's promise is a constant cost "
+    "per step while experts are added (top-k routing).",
+    "",
+  ]
   lines += timing_table(report) + [""]
   lines += ["## Figures", "", f"![forgetting matrix]({FORGETTING_PNG})", ""]
   if fewshot:
@@ -279,35 +374,51 @@ def render_markdown(report: Mapping[str, Any]) -> str:
 # ------------------------------------------------------------------------------- figures
 def _pyplot():
   import matplotlib  # pylint: disable=import-outside-toplevel
+
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+
   return plt
 
 
 def plot_forgetting(report: Mapping[str, Any], path: str) -> None:
   """One heatmap per method: validation perplexity of each distribution after each phase."""
   import numpy as np  # pylint: disable=import-outside-toplevel
+
   plt = _pyplot()
   methods = list(report["methods"].items())
   tasks = report["eval_tasks"]
   n = max(len(methods), 1)
-  fig, axes = plt.subplots(1, n, figsize=(1.6 + 1.5 * len(report["phase_names"]) * n,
-                                          1.2 + 0.55 * len(tasks)), squeeze=False)
+  fig, axes = plt.subplots(
+    1,
+    n,
+    figsize=(1.6 + 1.5 * len(report["phase_names"]) * n, 1.2 + 0.55 * len(tasks)),
+    squeeze=False,
+  )
   logs = [np.log(np.array([m["perplexity"][t] for t in tasks], dtype=float)) for _, m in methods]
   low = min(float(v.min()) for v in logs)
-  high = max(max(float(v.max()) for v in logs), low + 1e-6)   # one color scale for all methods
+  high = max(max(float(v.max()) for v in logs), low + 1e-6)  # one color scale for all methods
   for ax, (name, m), log_values in zip(axes[0], methods, logs):
     phases = [p["phase"] for p in m["phases"]]
     ax.imshow(log_values, cmap="viridis_r", vmin=low, vmax=high, aspect="auto")
     for i in range(log_values.shape[0]):
       for j in range(log_values.shape[1]):
-        light = (log_values[i, j] - low) / (high - low) < 0.4   # low perplexity: light yellow
-        ax.text(j, i, f"{np.exp(log_values[i, j]):.1f}", ha="center", va="center", fontsize=8,
-                color="black" if light else "white")
+        light = (log_values[i, j] - low) / (high - low) < 0.4  # low perplexity: light yellow
+        ax.text(
+          j,
+          i,
+          f"{np.exp(log_values[i, j]):.1f}",
+          ha="center",
+          va="center",
+          fontsize=8,
+          color="black" if light else "white",
+        )
     ax.set_xticks(range(len(phases)), [f"after\n{p}" for p in phases], fontsize=8)
     ax.set_yticks(range(len(tasks)), [short_task(t) for t in tasks], fontsize=8)
     ax.set_title(name, fontsize=10)
-  fig.suptitle("Validation perplexity after each phase (color: log scale, shared; light = lower)", fontsize=11)
+  fig.suptitle(
+    "Validation perplexity after each phase (color: log scale, shared; light = lower)", fontsize=11
+  )
   fig.tight_layout()
   _save(fig, path, plt)
 
@@ -340,18 +451,25 @@ def plot_fewshot(report: Mapping[str, Any], path: str) -> bool:
       n = entry.get("num_examples")
       if n and 0.0 < chance < 100.0:
         half = 196.0 * math.sqrt(chance / 100.0 * (1.0 - chance / 100.0) / n)
-        ax.axhspan(chance - half, chance + half, color="gray", alpha=0.15, linewidth=0,
-                   label="95% band of chance")
+        ax.axhspan(
+          chance - half,
+          chance + half,
+          color="gray",
+          alpha=0.15,
+          linewidth=0,
+          label="95% band of chance",
+        )
       values.append(chance)
-    if values:   # at least +-10 points around the data so that noise does not look like a trend
+    if values:  # at least +-10 points around the data so that noise does not look like a trend
       low, high = min(values), max(values)
       pad = max(0.0, (20.0 - (high - low)) / 2)
       ax.set_ylim(max(0.0, low - pad - 2), min(100.0, high + pad + 2))
     ax.set_xticks(range(len(phases)), [f"after\n{p}" for p in phases], fontsize=7)
-    ax.set_title(f"{task.removeprefix('fewshot_')} ({entry['metric'] if entry else ''})",
-                 fontsize=9)
+    ax.set_title(
+      f"{task.removeprefix('fewshot_')} ({entry['metric'] if entry else ''})", fontsize=9
+    )
     ax.tick_params(axis="y", labelsize=7)
-  for ax in [a for row in axes for a in row][len(tasks):]:
+  for ax in [a for row in axes for a in row][len(tasks) :]:
     ax.axis("off")
   handles, labels = axes[0][0].get_legend_handles_labels()
   fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=8)
@@ -365,17 +483,22 @@ def plot_expert_usage(name: str, m: Mapping[str, Any], tasks: Sequence[str], pat
   """Grid (MoE layer x phase) of heatmaps: fraction of each distribution's routing assignments
   per expert; dashed lines separate the expert slices of successive phases. False if dense."""
   import numpy as np  # pylint: disable=import-outside-toplevel
+
   phases = [p for p in m["phases"] if p["experts_per_layer"]]
   if not phases:
     return False
   plt = _pyplot()
   layers = len(phases[0]["experts_per_layer"])
   max_e = max(p["num_experts"] for p in phases)
-  fig, axes = plt.subplots(layers, len(phases), squeeze=False,
-                           figsize=(2.2 + (0.35 * max_e + 0.6) * len(phases),
-                                    0.6 + (0.45 * len(tasks) + 0.6) * layers))
-  vmax = max(max(max(max(row) for row in p["eval"][t]["expert_usage"]) for t in tasks)
-             for p in phases)
+  fig, axes = plt.subplots(
+    layers,
+    len(phases),
+    squeeze=False,
+    figsize=(2.2 + (0.35 * max_e + 0.6) * len(phases), 0.6 + (0.45 * len(tasks) + 0.6) * layers),
+  )
+  vmax = max(
+    max(max(max(row) for row in p["eval"][t]["expert_usage"]) for t in tasks) for p in phases
+  )
   image = None
   for col, p in enumerate(phases):
     bounds = sorted({v[1] for v in p.get("expert_slices", {}).values()})[:-1]
@@ -399,29 +522,56 @@ def plot_expert_usage(name: str, m: Mapping[str, Any], tasks: Sequence[str], pat
 
 
 def _save(fig, path: str, plt) -> None:
-  tmp = f"{path}.tmp.png"
-  fig.savefig(tmp, dpi=110)
-  plt.close(fig)
-  os.replace(tmp, path)
+  try:
+    _write_atomic(path, lambda f: fig.savefig(f, dpi=110, format="png"), binary=True)
+  finally:
+    plt.close(fig)
+
+
+def _write_atomic(path: str, write: Callable[[Any], None], *, binary: bool = False) -> None:
+  """Writes ``path`` through ``write(file)`` into a temporary file beside it, then renames it, so a
+  reader (or a crash) never sees a partial file; the temporary file is removed on failure."""
+  fd, tmp = tempfile.mkstemp(
+    prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=os.path.dirname(path) or "."
+  )
+  try:
+    with os.fdopen(fd, "wb" if binary else "w", **({} if binary else {"encoding": "utf-8"})) as f:
+      write(f)
+      f.flush()
+      os.fsync(f.fileno())
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise
 
 
 # ------------------------------------------------------------------------------- writing
 def write_report(model_dir: str, report: Mapping[str, Any]) -> dict[str, str]:
-  """Writes report.json, report.md and the PNGs into ``model_dir``; returns their paths."""
+  """Writes report.json, report.md and the PNGs into ``model_dir``; returns their paths.
+
+  Every file is written to a temporary name beside it and renamed when complete (``_write_atomic``),
+  so an interrupted write leaves the previous version, never a torn file.
+  """
   os.makedirs(model_dir, exist_ok=True)
   paths = {"json": os.path.join(model_dir, REPORT_JSON), "md": os.path.join(model_dir, REPORT_MD)}
-  for key, text in (("json", json.dumps(report, indent=2, sort_keys=True) + "\n"),
-                    ("md", render_markdown(report) + "\n")):
-    tmp = paths[key] + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-      f.write(text)
-    os.replace(tmp, paths[key])
+  for key, text in (
+    ("json", json.dumps(report, indent=2, sort_keys=True) + "\n"),
+    ("md", render_markdown(report) + "\n"),
+  ):
+    _write_atomic(paths[key], lambda f, text=text: f.write(text))
   if report["methods"]:
     paths["forgetting_png"] = os.path.join(model_dir, FORGETTING_PNG)
     plot_forgetting(report, paths["forgetting_png"])
     fewshot_path = os.path.join(model_dir, FEWSHOT_PNG)
     if plot_fewshot(report, fewshot_path):
       paths["fewshot_png"] = fewshot_path
+    plt = _pyplot()
+    routing_fig = analysis_report.routing_figure(report, plt)
+    if routing_fig is not None:
+      paths["routing_png"] = os.path.join(model_dir, analysis_report.ROUTING_PNG)
+      _save(routing_fig, paths["routing_png"], plt)
     for name, m in report["methods"].items():
       path = os.path.join(model_dir, usage_png_name(name))
       if plot_expert_usage(name, m, report["eval_tasks"], path):

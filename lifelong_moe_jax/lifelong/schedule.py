@@ -18,6 +18,7 @@ t5x fine-tuning, so learning-rate schedules continue across phases. The first ph
 Every distribution the schedule mentions (the tasks of every phase's mixture, plus
 ``extra_eval_tasks``) is evaluated after every phase.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -44,6 +45,7 @@ class PhaseSpec:
     steps: optimizer steps of this phase (> 0).
     add_experts: experts added to every MoE layer at the start of the phase (methods that expand).
   """
+
   name: str
   mixture: str
   steps: int
@@ -57,12 +59,18 @@ class PhaseSpec:
       raise ScheduleError(f"Phase {index} must be a dict with keys {_PHASE_KEYS}, got {data!r}.")
     unknown = sorted(set(data) - set(_PHASE_KEYS))
     if unknown:
-      raise ScheduleError(f"Phase {index} has unknown keys {unknown}; allowed: {list(_PHASE_KEYS)}.")
+      raise ScheduleError(
+        f"Phase {index} has unknown keys {unknown}; allowed: {list(_PHASE_KEYS)}."
+      )
     missing = [k for k in ("name", "mixture", "steps") if k not in data]
     if missing:
       raise ScheduleError(f"Phase {index} ({dict(data)}) is missing {missing}.")
-    return cls(name=str(data["name"]), mixture=str(data["mixture"]), steps=int(data["steps"]),
-               add_experts=int(data.get("add_experts", 0)))
+    return cls(
+      name=str(data["name"]),
+      mixture=str(data["mixture"]),
+      steps=int(data["steps"]),
+      add_experts=int(data.get("add_experts", 0)),
+    )
 
   def to_dict(self) -> dict[str, Any]:
     return dataclasses.asdict(self)
@@ -83,11 +91,13 @@ class LifelongSchedule:
     eval_max_batches: validation batches per distribution (None: the whole validation split).
     seed: run seed (param init, data order, surgery noise).
   """
+
   phases: Sequence[Any] = gin.REQUIRED
   methods: Sequence[str] = ("lifelong_moe", "finetune")
   extra_eval_tasks: Sequence[str] = ()
   task_feature_lengths: Mapping[str, int] = dataclasses.field(
-      default_factory=lambda: {"targets": 128})
+    default_factory=lambda: {"targets": 128}
+  )
   batch_size: int = 8
   eval_batch_size: int | None = None
   eval_max_batches: int | None = 20
@@ -122,8 +132,9 @@ class LifelongSchedule:
         raise ScheduleError(f"{where}: empty mixture name.")
     if self.phases[0].add_experts:
       raise ScheduleError(
-          f"The first phase ({self.phases[0].name!r}) adds {self.phases[0].add_experts} experts: "
-          "the first phase trains the model's own ModelConfig.num_experts; set its add_experts to 0.")
+        f"The first phase ({self.phases[0].name!r}) adds {self.phases[0].add_experts} experts: "
+        "the first phase trains the model's own ModelConfig.num_experts; set its add_experts to 0."
+      )
     if not self.methods:
       raise ScheduleError("LifelongSchedule.methods is empty: name at least one method.")
     if len(set(self.methods)) != len(self.methods):
@@ -132,10 +143,13 @@ class LifelongSchedule:
       raise ScheduleError("batch_size and eval_batch_size must be positive.")
     if self.eval_max_batches is not None and self.eval_max_batches <= 0:
       raise ScheduleError("eval_max_batches must be positive or None (whole validation split).")
-    if not self.task_feature_lengths or any(int(v) <= 0 for v in
-                                            self.task_feature_lengths.values()):
-      raise ScheduleError(f"task_feature_lengths must map features to positive lengths, got "
-                          f"{self.task_feature_lengths}.")
+    if not self.task_feature_lengths or any(
+      int(v) <= 0 for v in self.task_feature_lengths.values()
+    ):
+      raise ScheduleError(
+        f"task_feature_lengths must map features to positive lengths, got "
+        f"{self.task_feature_lengths}."
+      )
 
   def validate_experts(self, num_experts: int, expert_axis_size: int = 1) -> None:
     """Checks expert counts per phase against the model and the mesh's expert axis."""
@@ -144,9 +158,10 @@ class LifelongSchedule:
         raise ScheduleError(f"Phase {self.phases[i].name!r} adds experts but the model is dense.")
       if num_experts > 0 and count % expert_axis_size:
         raise ScheduleError(
-            f"Phase {self.phases[i].name!r} has {count} experts per MoE layer, not divisible by the "
-            f"expert mesh axis ({expert_axis_size}); choose add_experts so every phase's expert "
-            f"count is a multiple of {expert_axis_size}.")
+          f"Phase {self.phases[i].name!r} has {count} experts per MoE layer, not divisible by the "
+          f"expert mesh axis ({expert_axis_size}); choose add_experts so every phase's expert "
+          f"count is a multiple of {expert_axis_size}."
+        )
 
   # --------------------------------------------------------------------------- queries
   @property
@@ -159,7 +174,7 @@ class LifelongSchedule:
 
   def end_step(self, index: int) -> int:
     """Global step at which phase ``index`` ends."""
-    return sum(p.steps for p in self.phases[:index + 1])
+    return sum(p.steps for p in self.phases[: index + 1])
 
   def start_step(self, index: int) -> int:
     """Global step at which phase ``index`` starts."""
@@ -178,8 +193,13 @@ class LifelongSchedule:
     return self.eval_batch_size or self.batch_size
 
   def to_dict(self) -> dict[str, Any]:
-    return {"phases": [p.to_dict() for p in self.phases], "methods": list(self.methods),
-            "extra_eval_tasks": list(self.extra_eval_tasks),
-            "task_feature_lengths": dict(self.task_feature_lengths),
-            "batch_size": self.batch_size, "eval_batch_size": self.eval_batch,
-            "eval_max_batches": self.eval_max_batches, "seed": self.seed}
+    return {
+      "phases": [p.to_dict() for p in self.phases],
+      "methods": list(self.methods),
+      "extra_eval_tasks": list(self.extra_eval_tasks),
+      "task_feature_lengths": dict(self.task_feature_lengths),
+      "batch_size": self.batch_size,
+      "eval_batch_size": self.eval_batch,
+      "eval_max_batches": self.eval_max_batches,
+      "seed": self.seed,
+    }

@@ -3,6 +3,7 @@
 One frozen dataclass describes every decoder this package builds: dense (``num_experts == 0``) or
 GLaM-style MoE (an MoE feed-forward block every ``moe_every``-th layer, dense elsewhere).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -36,6 +37,11 @@ class ModelConfig:
     normalize_top_k_gates: renormalise the k selected gates to sum to one (GShard/GLaM).
     aux_loss_weight: weight of the load-balancing loss in the total loss.
     router_z_loss_weight: weight of the router z-loss in the total loss.
+    moe_dispatch: how tokens reach the experts: "einsum" (one-hot dispatch/combine einsums, the
+      reference), "sort" (same routing and drops via sort + gather, no [G, S, E, C] tensor) or
+      "ragged" (dropless grouped matmuls); params are identical for all three.
+    batch_prioritized_routing: fill expert capacity in order of decreasing top-1 router
+      probability (V-MoE) instead of token position ("einsum" and "sort" only).
     gated_mlp: use a gated (GLU-style) feed-forward with ``wi_gate``.
     activation: "gelu", "relu" or "silu".
     tie_embeddings: compute logits with the transposed input embedding.
@@ -45,6 +51,7 @@ class ModelConfig:
     dtype: activation dtype ("float32" or "bfloat16"); params are always float32, router math float32.
     remat: rematerialise each layer in the backward pass.
   """
+
   vocab_size: int = 256
   embed_dim: int = 64
   num_layers: int = 2
@@ -62,6 +69,8 @@ class ModelConfig:
   normalize_top_k_gates: bool = True
   aux_loss_weight: float = 0.01
   router_z_loss_weight: float = 0.001
+  moe_dispatch: str = "einsum"
+  batch_prioritized_routing: bool = False
   gated_mlp: bool = False
   activation: str = "gelu"
   tie_embeddings: bool = False
@@ -96,8 +105,18 @@ class ModelConfig:
 
   def validate(self) -> None:
     """Raises ValueError naming the bad field and the fix."""
-    positive = ("vocab_size", "embed_dim", "num_layers", "num_heads", "head_dim", "mlp_dim",
-                "moe_every", "top_k", "group_size", "max_length")
+    positive = (
+      "vocab_size",
+      "embed_dim",
+      "num_layers",
+      "num_heads",
+      "head_dim",
+      "mlp_dim",
+      "moe_every",
+      "top_k",
+      "group_size",
+      "max_length",
+    )
     for name in positive:
       if getattr(self, name) <= 0:
         raise ValueError(f"ModelConfig.{name} must be positive, got {getattr(self, name)}.")
@@ -105,18 +124,28 @@ class ModelConfig:
       raise ValueError(f"ModelConfig.num_experts must be >= 0 (0 = dense), got {self.num_experts}.")
     if self.is_moe and self.top_k > self.num_experts:
       raise ValueError(
-          f"ModelConfig.top_k={self.top_k} exceeds num_experts={self.num_experts}: every token must "
-          f"pick distinct experts. Set ModelConfig.top_k <= {self.num_experts} or add experts.")
+        f"ModelConfig.top_k={self.top_k} exceeds num_experts={self.num_experts}: every token must "
+        f"pick distinct experts. Set ModelConfig.top_k <= {self.num_experts} or add experts."
+      )
     if self.dtype not in _DTYPES:
       raise ValueError(f"ModelConfig.dtype must be one of {sorted(_DTYPES)}, got {self.dtype!r}.")
+    if self.moe_dispatch not in ("einsum", "sort", "ragged"):
+      raise ValueError(
+        f"ModelConfig.moe_dispatch must be 'einsum', 'sort' or 'ragged', got {self.moe_dispatch!r}."
+      )
     if self.activation not in ("gelu", "relu", "silu"):
-      raise ValueError(f"ModelConfig.activation must be gelu, relu or silu, got {self.activation!r}.")
+      raise ValueError(
+        f"ModelConfig.activation must be gelu, relu or silu, got {self.activation!r}."
+      )
     if self.scan_layers and self.num_layers % self.moe_every:
       raise ValueError(
-          f"scan_layers needs num_layers ({self.num_layers}) to be a multiple of moe_every "
-          f"({self.moe_every}): layers are scanned in blocks of moe_every.")
+        f"scan_layers needs num_layers ({self.num_layers}) to be a multiple of moe_every "
+        f"({self.moe_every}): layers are scanned in blocks of moe_every."
+      )
     for name in ("train_capacity_factor", "eval_capacity_factor"):
       if getattr(self, name) <= 0:
         raise ValueError(f"ModelConfig.{name} must be positive, got {getattr(self, name)}.")
     if self.head_dim % 2:
-      raise ValueError(f"ModelConfig.head_dim must be even for rotary embeddings, got {self.head_dim}.")
+      raise ValueError(
+        f"ModelConfig.head_dim must be even for rotary embeddings, got {self.head_dim}."
+      )

@@ -11,15 +11,15 @@ Batches use seqio's ``DecoderFeatureConverter`` keys, int32 ``[batch, length]``:
 ``decoder_input_tokens``, ``decoder_target_tokens``, optional ``decoder_loss_weights``
 (default: target != 0), ``decoder_segment_ids`` and ``decoder_positions`` (packed data).
 """
+
 from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import flax
 import flax.linen as nn
-import gin
 import jax
 import jax.numpy as jnp
 
@@ -29,6 +29,8 @@ from lifelong_moe_jax.models.transformer import Decoder
 Array = jax.Array
 Batch = Mapping[str, Array]
 MOE_STATS = ("aux_loss", "z_loss", "expert_fraction", "tokens_per_expert", "dropped_fraction")
+# Sown as well but gathered only on request (routing analysis), not in every train step's metrics.
+ROUTING_STATS = MOE_STATS + ("top1_fraction",)
 
 
 def token_mask_of(batch: Batch) -> Array:
@@ -45,18 +47,21 @@ def loss_weights_of(batch: Batch) -> Array:
   return (batch["decoder_target_tokens"] > 0).astype(jnp.float32)
 
 
-def collect_moe_stats(intermediates: Mapping[str, Any], config: ModelConfig) -> dict[str, Array]:
+def collect_moe_stats(
+  intermediates: Mapping[str, Any], config: ModelConfig, stats: Sequence[str] = MOE_STATS
+) -> dict[str, Array]:
   """Gathers sown routing statistics in layer order.
 
-  Returns a dict of arrays with a leading ``[num_moe_layers]`` axis: ``aux_loss``, ``z_loss``,
-  ``dropped_fraction`` ``[M]`` and ``expert_fraction``, ``tokens_per_expert`` ``[M, E]``.
+  Returns a dict of arrays with a leading ``[num_moe_layers]`` axis for each of ``stats``:
+  ``aux_loss``, ``z_loss``, ``dropped_fraction`` ``[M]`` and ``expert_fraction``,
+  ``tokens_per_expert`` ``[M, E]`` by default; ``ROUTING_STATS`` adds ``top1_fraction [M, E]``.
   Works for scanned (``blocks/layer_j``, stacked over blocks) and unscanned (``layers_i``) trees.
   """
   per_layer: dict[int, dict[str, Array]] = {}
   flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(intermediates))
   for path, value in flat.items():
     name = path[-1]
-    if name not in MOE_STATS:
+    if name not in stats:
       continue
     value = value[0] if isinstance(value, tuple) else value
     names = [str(p) for p in path]
@@ -68,14 +73,13 @@ def collect_moe_stats(intermediates: Mapping[str, Any], config: ModelConfig) -> 
       i = next(int(m.group(1)) for p in names if (m := re.fullmatch(r"layers_(\d+)", p)))
       per_layer.setdefault(i, {})[name] = value
   layers = sorted(per_layer)
-  return {name: jnp.stack([per_layer[i][name] for i in layers]) for name in MOE_STATS} if layers else {}
+  return {name: jnp.stack([per_layer[i][name] for i in layers]) for name in stats} if layers else {}
 
 
-@gin.configurable
 class LanguageModel:
   """Decoder-only (MoE) LM with pure loss/score/logits functions over a params pytree."""
 
-  def __init__(self, config: ModelConfig = gin.REQUIRED):
+  def __init__(self, config: ModelConfig):
     self.config = config
     self.module = Decoder(config)
 
@@ -99,8 +103,16 @@ class LanguageModel:
     return nn.get_partition_spec(self.abstract_params())
 
   # ----------------------------------------------------------------------------- forward
-  def apply(self, params: Any, batch: Batch, *, train: bool = False, rng: Array | None = None,
-            decode: bool = False, cache: Any = None):
+  def apply(
+    self,
+    params: Any,
+    batch: Batch,
+    *,
+    train: bool = False,
+    rng: Array | None = None,
+    decode: bool = False,
+    cache: Any = None,
+  ):
     """Runs the decoder; returns ``(logits [b, l, vocab] float32, intermediates, new_cache)``."""
     rngs = {"jitter": rng} if (train and rng is not None) else {}
     variables = {"params": params}
@@ -109,24 +121,32 @@ class LanguageModel:
       variables["cache"] = cache
       mutable.append("cache")
     logits, state = self.module.apply(
-        variables, batch["decoder_input_tokens"], batch.get("decoder_positions"),
-        batch.get("decoder_segment_ids") if not decode else None,
-        batch.get("token_mask", None) if decode else token_mask_of(batch),
-        train=train, decode=decode, rngs=rngs, mutable=mutable)
+      variables,
+      batch["decoder_input_tokens"],
+      batch.get("decoder_positions"),
+      batch.get("decoder_segment_ids") if not decode else None,
+      batch.get("token_mask", None) if decode else token_mask_of(batch),
+      train=train,
+      decode=decode,
+      rngs=rngs,
+      mutable=mutable,
+    )
     return logits, state.get("intermediates", {}), state.get("cache")
 
   def logits(self, params: Any, batch: Batch) -> Array:
     """float32 [batch, length, vocab] (eval mode)."""
     return self.apply(params, batch)[0]
 
-  def loss(self, params: Any, batch: Batch, *, train: bool = False,
-           rng: Array | None = None) -> tuple[Array, dict[str, Any]]:
+  def loss(
+    self, params: Any, batch: Batch, *, train: bool = False, rng: Array | None = None
+  ) -> tuple[Array, dict[str, Any]]:
     """Total training loss and metrics (see ``loss_from_logits``)."""
     logits, intermediates, _ = self.apply(params, batch, train=train, rng=rng)
     return self.loss_from_logits(logits, intermediates, batch)
 
-  def loss_from_logits(self, logits: Array, intermediates: Any,
-                       batch: Batch) -> tuple[Array, dict[str, Any]]:
+  def loss_from_logits(
+    self, logits: Array, intermediates: Any, batch: Batch
+  ) -> tuple[Array, dict[str, Any]]:
     """Loss from an ``apply`` result, so callers that need the logits (distillation) run once.
 
     Args:
@@ -144,8 +164,11 @@ class LanguageModel:
     cross_entropy = -jnp.sum(token_ll * weights) / num_tokens
     correct = jnp.argmax(logits, axis=-1) == batch["decoder_target_tokens"]
     accuracy = jnp.sum(correct * weights) / num_tokens
-    metrics: dict[str, Any] = {"cross_entropy": cross_entropy, "accuracy": accuracy,
-                               "num_tokens": jnp.sum(weights)}
+    metrics: dict[str, Any] = {
+      "cross_entropy": cross_entropy,
+      "accuracy": accuracy,
+      "num_tokens": jnp.sum(weights),
+    }
     total = cross_entropy
     moe = collect_moe_stats(intermediates, self.config)
     if moe:

@@ -11,11 +11,15 @@ The train step runs the model once::
 A ``Regularizer`` is how the lifelong methods add terms (distillation from a teacher, L2/EWC to
 anchor params): it owns an auxiliary state (teacher params, anchors, Fisher diagonals) built once by
 ``init_state`` and passed into the jitted step as an argument, sharded by the logical axes it
-declares and never differentiated.
+declares and never differentiated. A regularizer with ``uses_router_logits = True`` (router-level
+distillation, the new-expert load balance) makes the forward pass also capture every MoE layer's
+router logits (``models.router_probe``) and receives ``intermediates=`` as a keyword argument.
 """
+
 from __future__ import annotations
 
 import abc
+import contextlib
 import dataclasses
 from typing import Any, Mapping, Sequence
 
@@ -24,6 +28,7 @@ import jax.numpy as jnp
 
 from lifelong_moe_jax import partitioning
 from lifelong_moe_jax.models import lm
+from lifelong_moe_jax.models import router_probe
 
 PyTree = Any
 Batch = Mapping[str, jax.Array]
@@ -41,6 +46,7 @@ class RegularizerContext:
       jit a Fisher computation.
     step: the step training starts (or resumes) from.
   """
+
   model: lm.LanguageModel
   params: PyTree
   params_axes: PyTree
@@ -69,9 +75,14 @@ class Regularizer(abc.ABC):
     del ctx
     return {}, {}
 
+  # True: the student's forward pass also captures router logits (``models.router_probe``) and
+  # ``__call__`` receives its ``intermediates`` collection as the keyword ``intermediates``.
+  uses_router_logits: bool = False
+
   @abc.abstractmethod
-  def __call__(self, params: PyTree, batch: Batch, student_logits: jax.Array, aux_state: PyTree,
-               rng: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+  def __call__(
+    self, params: PyTree, batch: Batch, student_logits: jax.Array, aux_state: PyTree, rng: jax.Array
+  ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """The term to add to the loss.
 
     Args:
@@ -91,13 +102,19 @@ def check_regularizer_names(regularizers: Sequence[Regularizer]) -> None:
   names = [r.name for r in regularizers]
   dupes = sorted({n for n in names if names.count(n) > 1})
   if dupes:
-    raise ValueError(f"Regularizer names must be unique; duplicated: {dupes}. Give each a distinct "
-                     "`name`.")
+    raise ValueError(
+      f"Regularizer names must be unique; duplicated: {dupes}. Give each a distinct `name`."
+    )
 
 
-def training_loss(model: lm.LanguageModel, params: PyTree, batch: Batch, rng: jax.Array,
-                  regularizers: Sequence[Regularizer] = (),
-                  aux_states: Sequence[PyTree] = ()) -> tuple[jax.Array, dict[str, Any]]:
+def training_loss(
+  model: lm.LanguageModel,
+  params: PyTree,
+  batch: Batch,
+  rng: jax.Array,
+  regularizers: Sequence[Regularizer] = (),
+  aux_states: Sequence[PyTree] = (),
+) -> tuple[jax.Array, dict[str, Any]]:
   """Total loss (model loss + regularizer terms) and metrics, from one forward pass.
 
   Args:
@@ -112,12 +129,15 @@ def training_loss(model: lm.LanguageModel, params: PyTree, batch: Batch, rng: ja
     ``model_loss`` (the model's own loss) and ``reg/<name>/...`` entries.
   """
   model_rng, reg_rng = jax.random.split(rng)
-  logits, intermediates, _ = model.apply(params, batch, train=True, rng=model_rng)
+  capture = any(getattr(reg, "uses_router_logits", False) for reg in regularizers)
+  with router_probe.capture_router() if capture else contextlib.nullcontext():
+    logits, intermediates, _ = model.apply(params, batch, train=True, rng=model_rng)
   loss, metrics = model.loss_from_logits(logits, intermediates, batch)
   metrics = dict(metrics, model_loss=loss)
   for index, (reg, aux) in enumerate(zip(regularizers, aux_states, strict=True)):
     aux = jax.lax.stop_gradient(aux)
-    term, reg_metrics = reg(params, batch, logits, aux, jax.random.fold_in(reg_rng, index))
+    extra = {"intermediates": intermediates} if getattr(reg, "uses_router_logits", False) else {}
+    term, reg_metrics = reg(params, batch, logits, aux, jax.random.fold_in(reg_rng, index), **extra)
     loss = loss + term
     metrics.update({f"reg/{reg.name}/{k}": v for k, v in reg_metrics.items()})
     metrics[f"reg/{reg.name}/loss"] = term
@@ -140,5 +160,8 @@ def token_sums(logits: jax.Array, batch: Batch) -> dict[str, jax.Array]:
   weights = lm.loss_weights_of(batch)
   token_ll = lm.token_log_likelihood(logits, batch["decoder_target_tokens"])
   correct = (jnp.argmax(logits, axis=-1) == batch["decoder_target_tokens"]).astype(jnp.float32)
-  return {"nll_sum": -jnp.sum(token_ll * weights), "correct_sum": jnp.sum(correct * weights),
-          "weight_sum": jnp.sum(weights)}
+  return {
+    "nll_sum": -jnp.sum(token_ll * weights),
+    "correct_sum": jnp.sum(correct * weights),
+    "weight_sum": jnp.sum(weights),
+  }

@@ -9,6 +9,7 @@
 * ``rng``: uint32 ``[2]`` base PRNG key. The key of step ``s`` is ``fold_in(rng, s)``, so a run
   resumed from a checkpoint draws exactly the random numbers an uninterrupted run draws.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -27,6 +28,7 @@ PyTree = Any
 @flax.struct.dataclass
 class TrainState:
   """Step counter, params, optimizer state and base rng (see the module docstring)."""
+
   step: jax.Array
   params: PyTree
   opt_state: PyTree
@@ -43,31 +45,43 @@ def seed_keys(seed: int) -> tuple[jax.Array, jax.Array]:
   return params_key, train_key
 
 
-def create(params: PyTree, tx: optax.GradientTransformation, seed: int,
-           opt_state: PyTree | None = None, step: int = 0) -> TrainState:
+def create(
+  params: PyTree,
+  tx: optax.GradientTransformation,
+  seed: int,
+  opt_state: PyTree | None = None,
+  step: int = 0,
+) -> TrainState:
   """A train state from (unboxed) params; ``opt_state`` defaults to ``tx.init(params)``.
 
   Traceable: call it under ``jax.jit`` with out-shardings to build the state sharded.
   """
-  return TrainState(step=jnp.asarray(step, jnp.int32), params=params,
-                    opt_state=tx.init(params) if opt_state is None else opt_state,
-                    rng=seed_keys(seed)[1])
+  return TrainState(
+    step=jnp.asarray(step, jnp.int32),
+    params=params,
+    opt_state=tx.init(params) if opt_state is None else opt_state,
+    rng=seed_keys(seed)[1],
+  )
 
 
 def logical_axes(abstract_state: TrainState, params_axes: PyTree) -> TrainState:
   """A ``TrainState`` of logical ``PartitionSpec``: params keep their axes, optimizer leaves
   inherit them (``partitioning.state_logical_axes``), step and rng are replicated."""
   return TrainState(
-      step=P(), params=params_axes,
-      opt_state=partitioning.state_logical_axes(abstract_state.opt_state, abstract_state.params,
-                                                params_axes),
-      rng=P())
+    step=P(),
+    params=params_axes,
+    opt_state=partitioning.state_logical_axes(
+      abstract_state.opt_state, abstract_state.params, params_axes
+    ),
+    rng=P(),
+  )
 
 
 def abstract(state_shapes: TrainState, shardings: TrainState) -> TrainState:
   """``ShapeDtypeStruct`` leaves carrying their sharding (the target of a sharded restore)."""
   return jax.tree_util.tree_map(
-      lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), state_shapes, shardings)
+    lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), state_shapes, shardings
+  )
 
 
 def param_count(params: PyTree) -> int:

@@ -10,16 +10,15 @@ TensorBoard scalars ``<task>/loss``, ``<task>/perplexity``, ``<task>/accuracy``,
 ``<task>/num_tokens`` under ``MODEL_DIR/eval`` and as one JSON line per evaluation (same keys plus
 ``step``) in ``MODEL_DIR/eval/metrics.jsonl``.
 """
+
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import math
 import os
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
 from absl import logging
-import flax.linen as nn
 import gin
 import jax
 import jax.numpy as jnp
@@ -33,7 +32,7 @@ from lifelong_moe_jax.data import vocab as vocab_lib
 from lifelong_moe_jax.models import lm
 from lifelong_moe_jax.models.config import ModelConfig
 from lifelong_moe_jax.training import losses
-from lifelong_moe_jax.training import metrics as metrics_lib
+from lifelong_moe_jax.training import summaries
 
 PyTree = Any
 EVAL_SPLIT = "validation"
@@ -52,21 +51,13 @@ def eval_task_names(mixture_or_task_name: str | None, extra_tasks: Sequence[str]
     tasks = provider.tasks if isinstance(provider, seqio.Mixture) else [provider]
     for task in tasks:
       if EVAL_SPLIT not in task.splits:
-        raise ValueError(f"Task {task.name!r} has no {EVAL_SPLIT!r} split (splits: "
-                         f"{sorted(task.splits)}); remove it from the eval tasks.")
+        raise ValueError(
+          f"Task {task.name!r} has no {EVAL_SPLIT!r} split (splits: "
+          f"{sorted(task.splits)}); remove it from the eval tasks."
+        )
       if task.name not in names:
         names.append(task.name)
   return names
-
-
-def sharded_abstract_params(model: lm.LanguageModel,
-                            partitioner: partitioning.Partitioner) -> PyTree:
-  """Unboxed ``ShapeDtypeStruct`` params carrying their shardings (target of a sharded restore)."""
-  with partitioner.context():
-    shardings = partitioner.shardings(model.params_logical_axes())
-    shapes = jax.eval_shape(lambda: nn.unbox(model.init(jax.random.PRNGKey(0))))
-  return jax.tree_util.tree_map(
-      lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
 
 
 def _any_process(flag: bool) -> bool:
@@ -74,6 +65,7 @@ def _any_process(flag: bool) -> bool:
   if jax.process_count() == 1:
     return flag
   from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+
   return bool(np.any(multihost_utils.process_allgather(np.asarray(flag, np.int32))))
 
 
@@ -82,8 +74,11 @@ def loss_metrics(totals: Mapping[str, Any]) -> dict[str, float]:
   ``nll_sum``, ``correct_sum`` and ``weight_sum``."""
   tokens = max(float(totals["weight_sum"]), 1.0)
   loss = float(totals["nll_sum"]) / tokens
-  return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)),
-          "accuracy": float(totals["correct_sum"]) / tokens}
+  return {
+    "loss": loss,
+    "perplexity": math.exp(min(loss, 700.0)),
+    "accuracy": float(totals["correct_sum"]) / tokens,
+  }
 
 
 class Evaluator:
@@ -105,14 +100,23 @@ class Evaluator:
       the input pipeline; the batches are deterministic, so results are unchanged.
   """
 
-  def __init__(self, model: lm.LanguageModel, partitioner: partitioning.Partitioner,
-               task_names: Sequence[str], task_feature_lengths: Mapping[str, int],
-               batch_size: int, *, max_batches: int | None = None, data_dir: str | None = None,
-               sums_fn: Callable[..., dict[str, jax.Array]] = losses.evaluation_sums,
-               batch_cache: dict | None = None):
+  def __init__(
+    self,
+    model: lm.LanguageModel,
+    partitioner: partitioning.Partitioner,
+    task_names: Sequence[str],
+    task_feature_lengths: Mapping[str, int],
+    batch_size: int,
+    *,
+    max_batches: int | None = None,
+    data_dir: str | None = None,
+    sums_fn: Callable[..., dict[str, jax.Array]] = losses.evaluation_sums,
+    batch_cache: dict | None = None,
+  ):
     if batch_size % jax.process_count():
-      raise ValueError(f"Eval batch size {batch_size} is not divisible by the "
-                       f"{jax.process_count()} processes.")
+      raise ValueError(
+        f"Eval batch size {batch_size} is not divisible by the {jax.process_count()} processes."
+      )
     partitioning.validate_batch_for_mesh(batch_size, partitioner.mesh)
     self.model = model
     self.partitioner = partitioner
@@ -125,15 +129,26 @@ class Evaluator:
     self.batch_sharding = partitioner.batch_sharding()
     with partitioner.context():
       params_shardings = partitioner.shardings(model.params_logical_axes())
-      self._step = jax.jit(lambda p, b: sums_fn(model, p, b),
-                           in_shardings=(params_shardings, self.batch_sharding),
-                           out_shardings=partitioner.replicated())
+      self._step = jax.jit(
+        lambda p, b: sums_fn(model, p, b),
+        in_shardings=(params_shardings, self.batch_sharding),
+        out_shardings=partitioner.replicated(),
+      )
 
   def _dataset(self, task: str, split: str) -> tuple[Iterator, dict]:
     ds = pipeline.get_dataset(
-        task, self.task_feature_lengths, split, self.batch_size // jax.process_count(),
-        shuffle=False, seed=0, repeat=False, pack=True, shard_index=jax.process_index(),
-        num_shards=jax.process_count(), data_dir=self.data_dir)
+      task,
+      self.task_feature_lengths,
+      split,
+      self.batch_size // jax.process_count(),
+      shuffle=False,
+      seed=0,
+      repeat=False,
+      pack=True,
+      shard_index=jax.process_index(),
+      num_shards=jax.process_count(),
+      data_dir=self.data_dir,
+    )
     template = {k: np.zeros(v.shape, v.dtype.as_numpy_dtype) for k, v in ds.element_spec.items()}
     return ds.as_numpy_iterator(), template
 
@@ -148,8 +163,9 @@ class Evaluator:
     batches, template = self.batch_cache[key]
     return iter(batches), template
 
-  def task_sums(self, params: PyTree, task: str, *, split: str = EVAL_SPLIT,
-                limit: int | None = None) -> tuple[dict[str, np.ndarray], int]:
+  def task_sums(
+    self, params: PyTree, task: str, *, split: str = EVAL_SPLIT, limit: int | None = None
+  ) -> tuple[dict[str, np.ndarray], int]:
     """``sums_fn`` added up over one pass of ``task``'s ``split`` (at most ``limit`` global
     batches), as float64 host arrays, and the number of batches.
 
@@ -164,22 +180,26 @@ class Evaluator:
       if not _any_process(local is not None):
         break
       local = template if local is None else local
-      batch = {k: jax.make_array_from_process_local_data(self.batch_sharding, v)
-               for k, v in local.items()}
+      batch = {
+        k: jax.make_array_from_process_local_data(self.batch_sharding, v) for k, v in local.items()
+      }
       with self.partitioner.context():
         sums = self._step(params, batch)
       totals = sums if totals is None else jax.tree_util.tree_map(jnp.add, totals, sums)
       count += 1
     if totals is None:
-      raise ValueError(f"Task {task!r} produced no {split} batch of {self.batch_size} "
-                       "sequences; lower the eval batch size.")
+      raise ValueError(
+        f"Task {task!r} produced no {split} batch of {self.batch_size} "
+        "sequences; lower the eval batch size."
+      )
     return {k: np.asarray(v, np.float64) for k, v in jax.device_get(totals).items()}, count
 
   def evaluate_task(self, params: PyTree, task: str) -> dict[str, float]:
     """``{"loss", "perplexity", "accuracy", "num_tokens", "num_batches"}`` for one task."""
     totals, count = self.task_sums(params, task, limit=self.max_batches)
-    return dict(loss_metrics(totals), num_tokens=float(totals["weight_sum"]),
-                num_batches=float(count))
+    return dict(
+      loss_metrics(totals), num_tokens=float(totals["weight_sum"]), num_batches=float(count)
+    )
 
   def evaluate(self, params: PyTree) -> dict[str, dict[str, Any]]:
     """``{task: metrics}`` for every task."""
@@ -188,29 +208,41 @@ class Evaluator:
 
 def flatten_results(results: Mapping[str, Mapping[str, float]]) -> dict[str, float]:
   """``{task: {name: v}}`` -> ``{"<task>/<name>": v}``."""
-  return {f"{task}/{name}": value for task, values in results.items()
-          for name, value in values.items()}
+  return {
+    f"{task}/{name}": value for task, values in results.items() for name, value in values.items()
+  }
 
 
-def write_results(writer: metrics_lib.MetricsWriter, step: int,
-                  results: Mapping[str, Mapping[str, float]]) -> None:
+def write_results(
+  writer: summaries.MetricsWriter, step: int, results: Mapping[str, Mapping[str, float]]
+) -> None:
   """Writes results (TensorBoard + JSONL) and logs one line per task."""
   writer.write_scalars(step, flatten_results(results))
   writer.flush()
   for task, values in results.items():
-    metrics_lib.log_info("eval step %d | %s | loss %.4f | perplexity %.2f | %d tokens", step, task,
-                         values["loss"], values["perplexity"], int(values["num_tokens"]))
+    summaries.log_info(
+      "eval step %d | %s | loss %.4f | perplexity %.2f | %d tokens",
+      step,
+      task,
+      values["loss"],
+      values["perplexity"],
+      int(values["num_tokens"]),
+    )
 
 
-@gin.configurable
-def evaluate_checkpoint(*, model_dir: str = gin.REQUIRED,
-                        mixture_or_task_name: str | None = gin.REQUIRED,
-                        task_feature_lengths: Mapping[str, int] = gin.REQUIRED,
-                        batch_size: int = gin.REQUIRED, checkpoint_path: str | None = None,
-                        extra_eval_tasks: Sequence[str] = (), max_batches: int | None = None,
-                        model_config: ModelConfig | None = None,
-                        mesh_config: partitioning.MeshConfig | None = None,
-                        data_dir: str | None = None) -> dict[str, dict[str, float]]:
+def evaluate_checkpoint(
+  *,
+  model_dir: str = gin.REQUIRED,
+  mixture_or_task_name: str | None = gin.REQUIRED,
+  task_feature_lengths: Mapping[str, int] = gin.REQUIRED,
+  batch_size: int = gin.REQUIRED,
+  checkpoint_path: str | None = None,
+  extra_eval_tasks: Sequence[str] = (),
+  max_batches: int | None = None,
+  model_config: ModelConfig | None = None,
+  mesh_config: partitioning.MeshConfig | None = None,
+  data_dir: str | None = None,
+) -> dict[str, dict[str, float]]:
   """Evaluates a checkpoint and writes the results under ``model_dir/eval``.
 
   Args:
@@ -237,16 +269,25 @@ def evaluate_checkpoint(*, model_dir: str = gin.REQUIRED,
   partitioner = partitioning.Partitioner(mesh)
   tasks = eval_task_names(mixture_or_task_name, extra_eval_tasks)
   if not tasks:
-    raise ValueError("Nothing to evaluate: set MIXTURE_OR_TASK_NAME or evaluate_checkpoint.extra_eval_tasks.")
-  evaluator = Evaluator(model, partitioner, tasks, task_feature_lengths, batch_size,
-                        max_batches=max_batches, data_dir=data_dir)
-  params = checkpoints.restore_params(step_dir, sharded_abstract_params(model, partitioner),
-                                      model_config=dataclasses.asdict(model.config))
+    raise ValueError(
+      "Nothing to evaluate: set MIXTURE_OR_TASK_NAME or evaluate_checkpoint.extra_eval_tasks."
+    )
+  evaluator = Evaluator(
+    model,
+    partitioner,
+    tasks,
+    task_feature_lengths,
+    batch_size,
+    max_batches=max_batches,
+    data_dir=data_dir,
+  )
+  params = checkpoints.restore_model_params(step_dir, model, partitioner)
   step = int(metadata.get("step", 0))
   logging.info("Evaluating %s (step %d) on %s.", step_dir, step, ", ".join(tasks))
   results = evaluator.evaluate(params)
-  writer = metrics_lib.MetricsWriter(os.path.join(model_dir, "eval"),
-                                     enabled=jax.process_index() == 0)
+  writer = summaries.MetricsWriter(
+    os.path.join(model_dir, "eval"), enabled=jax.process_index() == 0
+  )
   try:
     write_results(writer, step, results)
   finally:

@@ -19,6 +19,7 @@ Scalar names (train):
 
 Values logged at step ``s`` are means over the steps since the previous summary.
 """
+
 from __future__ import annotations
 
 import json
@@ -39,7 +40,9 @@ def moe_layer_indices(config: Any) -> list[int]:
   return [i for i in range(config.num_layers) if config.is_moe_layer(i)]
 
 
-def flatten_step_metrics(metrics: Mapping[str, Any], layer_indices: Sequence[int]) -> dict[str, float]:
+def flatten_step_metrics(
+  metrics: Mapping[str, Any], layer_indices: Sequence[int]
+) -> dict[str, float]:
   """Host-side step metrics (numpy) -> flat ``{name: float}`` (names in the module docstring).
 
   Args:
@@ -69,8 +72,9 @@ def mean_metrics(records: Sequence[Mapping[str, float]]) -> dict[str, float]:
   return {k: float(np.mean([r[k] for r in records])) for k in records[0]}
 
 
-def first_non_finite(records: Iterable[tuple[int, Mapping[str, float]]],
-                     names: Sequence[str] = ("loss", "grad_norm")) -> tuple[int, str, float] | None:
+def first_non_finite(
+  records: Iterable[tuple[int, Mapping[str, float]]], names: Sequence[str] = ("loss", "grad_norm")
+) -> tuple[int, str, float] | None:
   """The first ``(step, name, value)`` whose loss or grad norm is NaN/Inf, else None."""
   for step, record in records:
     for name in names:
@@ -89,9 +93,11 @@ def format_duration(seconds: float) -> str:
 def progress_line(step: int, train_steps: int, scalars: Mapping[str, float]) -> str:
   """``step 120/1000 | loss 4.1234 | 12,345 tokens/s | 0.052 s/step | ETA 0m45s``."""
   eta = (train_steps - step) * scalars.get("step_time", 0.0)
-  return (f"step {step}/{train_steps} | loss {scalars.get('loss', float('nan')):.4f} | "
-          f"{scalars.get('tokens_per_second', 0.0):,.0f} tokens/s | "
-          f"{scalars.get('step_time', 0.0):.3f} s/step | ETA {format_duration(eta)}")
+  return (
+    f"step {step}/{train_steps} | loss {scalars.get('loss', float('nan')):.4f} | "
+    f"{scalars.get('tokens_per_second', 0.0):,.0f} tokens/s | "
+    f"{scalars.get('step_time', 0.0):.3f} s/step | ETA {format_duration(eta)}"
+  )
 
 
 def read_jsonl(path: str) -> list[dict[str, Any]]:
@@ -136,8 +142,9 @@ class MetricsWriter:
         f.write(json.dumps(r, sort_keys=True) + "\n")
     os.replace(tmp, self.jsonl_path)
 
-  def write_scalars(self, step: int, scalars: Mapping[str, float],
-                    extra: Mapping[str, Any] | None = None) -> None:
+  def write_scalars(
+    self, step: int, scalars: Mapping[str, float], extra: Mapping[str, Any] | None = None
+  ) -> None:
     """Writes ``scalars`` at ``step`` to TensorBoard and appends them (plus ``extra``) to JSONL."""
     if not self.enabled:
       return
@@ -172,12 +179,15 @@ class WindowTimer:
   def rates(self, tokens_per_step: int) -> dict[str, float]:
     elapsed = time.perf_counter() - self.start
     steps = max(self.steps, 1)
-    return {"step_time": elapsed / steps,
-            "tokens_per_second": tokens_per_step * steps / max(elapsed, 1e-9)}
+    return {
+      "step_time": elapsed / steps,
+      "tokens_per_second": tokens_per_step * steps / max(elapsed, 1e-9),
+    }
 
 
 def log_info(message: str, *args) -> None:
   """absl INFO on process 0 only (avoids N copies of every progress line on a pod)."""
   import jax  # pylint: disable=import-outside-toplevel
+
   if jax.process_index() == 0:
     logging.info(message, *args)

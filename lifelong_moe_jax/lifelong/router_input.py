@@ -1,0 +1,71 @@
+"""Mean router input per MoE layer on a task's data: the ``mu`` of ``router_init="copy_offset"``.
+
+``measure_router_input_mean`` runs a model (the previous phase's, in eval mode) over the first
+``num_batches`` packed, unshuffled train batches of a task or mixture and returns, per MoE layer,
+the mean over real tokens of the router's input (the MoE layer's normalised input), float64
+``[num_moe_layers, embed]`` in ``lm.collect_moe_stats``'s layer order. A lifelong phase measures it
+on the new phase's own data only.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import jax
+import numpy as np
+
+from lifelong_moe_jax import partitioning
+from lifelong_moe_jax.eval import loss_eval
+from lifelong_moe_jax.models import lm
+from lifelong_moe_jax.models import router_probe
+from lifelong_moe_jax.training import losses
+
+PyTree = Any
+
+
+def router_input_sums(
+  model: lm.LanguageModel, params: PyTree, batch: Mapping[str, jax.Array]
+) -> dict[str, jax.Array]:
+  """Per-batch sums (eval mode): ``token_sums`` plus ``router_input_sum [M, embed]`` and
+  ``router_token_count [M]``."""
+  with router_probe.capture_router(logits=False, inputs=True):
+    logits, intermediates, _ = model.apply(params, batch)
+  out = losses.token_sums(logits, batch)
+  stats = router_probe.collect_router_stats(intermediates, model.config)
+  out["router_input_sum"] = stats[router_probe.ROUTER_INPUT_SUM]
+  out["router_token_count"] = stats[router_probe.ROUTER_TOKEN_COUNT]
+  return out
+
+
+def measure_router_input_mean(
+  model: lm.LanguageModel,
+  params: PyTree,
+  partitioner: partitioning.Partitioner,
+  mixture: str,
+  task_feature_lengths: Mapping[str, int],
+  batch_size: int,
+  num_batches: int,
+  data_dir: str | None = None,
+) -> np.ndarray:
+  """float64 ``[num_moe_layers, embed]``: mean router input over the real tokens of the first
+  ``num_batches`` train batches of ``mixture``.
+
+  Raises:
+    ValueError: a dense model, or no routed token.
+  """
+  if not model.config.is_moe:
+    raise ValueError("measure_router_input_mean needs an MoE model.")
+  evaluator = loss_eval.Evaluator(
+    model,
+    partitioner,
+    (),
+    task_feature_lengths,
+    batch_size,
+    data_dir=data_dir,
+    sums_fn=router_input_sums,
+  )
+  totals, _ = evaluator.task_sums(params, mixture, split="train", limit=num_batches)
+  count = totals["router_token_count"]
+  if np.any(count <= 0):
+    raise ValueError(f"No routed token in {num_batches} train batches of {mixture!r}.")
+  return totals["router_input_sum"] / count[:, None]
