@@ -121,14 +121,14 @@ def test_per_phase_plans(tmp_path, prepared_data_dir):
   for m in ("finetune", "distill_only", "l2", "ewc", "replay", "multitask"):
     assert experts[m] == [2, 2, 2]
   assert experts["dense_finetune"] == [0, 0, 0]
-  assert runner.mixture_for("finetune", 2) == "lifelong_dialog_en"
-  assert runner.mixture_for("replay", 0) == "lifelong_wiki_en"
-  assert runner.mixture_for("replay", 2).startswith("lifelong_replay_")
-  joint = runner.mixture_for("multitask", 0)
-  assert joint.startswith("lifelong_joint_") and joint == runner.mixture_for("multitask", 2)
-  shared = [m for m in ALL if runner.is_shared(m, 0)]
+  assert runner.layout.mixture_for("finetune", 2) == "lifelong_dialog_en"
+  assert runner.layout.mixture_for("replay", 0) == "lifelong_wiki_en"
+  assert runner.layout.mixture_for("replay", 2).startswith("lifelong_replay_")
+  joint = runner.layout.mixture_for("multitask", 0)
+  assert joint.startswith("lifelong_joint_") and joint == runner.layout.mixture_for("multitask", 2)
+  shared = [m for m in ALL if runner.layout.is_shared(m, 0)]
   assert sorted(shared) == sorted(set(ALL) - {"multitask", "dense_finetune"})
-  assert not any(runner.is_shared(m, 1) for m in ALL)
+  assert not any(runner.layout.is_shared(m, 1) for m in ALL)
   assert runner.phase_dir("l2", 0) == runner.phase_dir("finetune", 0)
   assert runner.phase_dir("l2", 1) != runner.phase_dir("finetune", 1)
 
