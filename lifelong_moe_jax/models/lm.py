@@ -47,6 +47,32 @@ def loss_weights_of(batch: Batch) -> Array:
   return (batch["decoder_target_tokens"] > 0).astype(jnp.float32)
 
 
+def values_by_moe_layer(
+  intermediates: Any, config: ModelConfig, names: Sequence[str]
+) -> dict[int, dict[str, Array]]:
+  """``{layer index: {name: value}}`` of the sown values called ``names``.
+
+  Unscanned trees sow under ``layers_<i>``; scanned ones under ``blocks/layer_<j>`` with a leading
+  block axis, whose row ``b`` is layer ``b * moe_every + j``.
+  """
+  per_layer: dict[int, dict[str, Array]] = {}
+  flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(intermediates))
+  for path, value in flat.items():
+    name = path[-1]
+    if name not in names:
+      continue
+    value = value[0] if isinstance(value, tuple) else value
+    parts = [str(p) for p in path]
+    if "blocks" in parts:
+      j = int(re.fullmatch(r"layer_(\d+)", parts[parts.index("blocks") + 1]).group(1))
+      for b in range(value.shape[0]):
+        per_layer.setdefault(b * config.moe_every + j, {})[name] = value[b]
+    else:
+      i = next(int(m.group(1)) for p in parts if (m := re.fullmatch(r"layers_(\d+)", p)))
+      per_layer.setdefault(i, {})[name] = value
+  return per_layer
+
+
 def collect_moe_stats(
   intermediates: Mapping[str, Any], config: ModelConfig, stats: Sequence[str] = MOE_STATS
 ) -> dict[str, Array]:
@@ -57,21 +83,7 @@ def collect_moe_stats(
   ``tokens_per_expert`` ``[M, E]`` by default; ``ROUTING_STATS`` adds ``top1_fraction [M, E]``.
   Works for scanned (``blocks/layer_j``, stacked over blocks) and unscanned (``layers_i``) trees.
   """
-  per_layer: dict[int, dict[str, Array]] = {}
-  flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(intermediates))
-  for path, value in flat.items():
-    name = path[-1]
-    if name not in stats:
-      continue
-    value = value[0] if isinstance(value, tuple) else value
-    names = [str(p) for p in path]
-    if "blocks" in names:
-      j = int(re.fullmatch(r"layer_(\d+)", names[names.index("blocks") + 1]).group(1))
-      for b in range(value.shape[0]):
-        per_layer.setdefault(b * config.moe_every + j, {})[name] = value[b]
-    else:
-      i = next(int(m.group(1)) for p in names if (m := re.fullmatch(r"layers_(\d+)", p)))
-      per_layer.setdefault(i, {})[name] = value
+  per_layer = values_by_moe_layer(intermediates, config, stats)
   layers = sorted(per_layer)
   return {name: jnp.stack([per_layer[i][name] for i in layers]) for name in stats} if layers else {}
 

@@ -20,15 +20,14 @@ blocks: one row per block). Used by router-level distillation, the new-expert lo
 from __future__ import annotations
 
 import contextlib
-import re
 from typing import Any, Iterator, Mapping
 
-import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from lifelong_moe_jax.layers import routing
+from lifelong_moe_jax.models import lm
 from lifelong_moe_jax.models.config import ModelConfig
 
 Array = jax.Array
@@ -76,21 +75,7 @@ def collect_router_stats(intermediates: Mapping[str, Any], config: ModelConfig) 
   Layer order is ``lm.collect_moe_stats``'s: unscanned ``layers_<i>`` by ``i``; scanned
   ``blocks/layer_<j>`` row ``b`` is layer ``b * moe_every + j``.
   """
-  per_layer: dict[int, dict[str, Array]] = {}
-  flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(intermediates))
-  for path, value in flat.items():
-    name = path[-1]
-    if name not in ROUTER_STATS:
-      continue
-    value = value[0] if isinstance(value, tuple) else value
-    names = [str(p) for p in path]
-    if "blocks" in names:
-      j = int(re.fullmatch(r"layer_(\d+)", names[names.index("blocks") + 1]).group(1))
-      for b in range(value.shape[0]):
-        per_layer.setdefault(b * config.moe_every + j, {})[name] = value[b]
-    else:
-      i = next(int(m.group(1)) for p in names if (m := re.fullmatch(r"layers_(\d+)", p)))
-      per_layer.setdefault(i, {})[name] = value
+  per_layer = lm.values_by_moe_layer(intermediates, config, ROUTER_STATS)
   layers = sorted(per_layer)
   present = [n for n in ROUTER_STATS if layers and all(n in per_layer[i] for i in layers)]
   return {n: jnp.stack([per_layer[i][n] for i in layers]) for n in present}
