@@ -35,10 +35,11 @@ test: lint
 demo: data
 	$(PY) -m lifelong_moe_jax.demo --data_dir $(DATA_DIR) --model_dir $(MODEL_DIR)
 
-# The issue-11 study (about 1.5 h on 2 CPU cores; not part of `make test` or CI). Needs the Debian
+# The issue-11 study (about 2 h on 2 quiet CPU cores; not part of `make test` or CI). Needs the Debian
 # packages fortunes-de fortunes-ru fortunes-zh; stops at once with the install command otherwise.
 study: $(STAMP)
-	$(PY) -m lifelong_moe_jax.study --data_dir $(STUDY_DATA_DIR) --model_dir $(STUDY_DIR)
+	$(PY) -m lifelong_moe_jax.study --data_dir $(STUDY_DATA_DIR) --model_dir $(STUDY_DIR) \
+	  --claims_method=lifelong_moe_offset2_src
 
 clean:
 	rm -rf $(VENV) $(MODEL_DIR)

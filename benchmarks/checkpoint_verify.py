@@ -3,9 +3,9 @@ r"""Cost of checkpoint verification (sha256 manifests), measured here and extrap
   python benchmarks/checkpoint_verify.py [--size_mb 512] [--rounds 3] [--workers N] \
       [--gin_file models/glam_0.1b_64e.gin] [--optimizer adafactor]
 
-1. Saves a real checkpoint of about ``--size_mb`` MB with ``checkpoints.Checkpointer`` (synchronous;
-   the orbax settings of training: OCDBT, zstd): a state of float32 arrays drawn from a normal
-   distribution (like weights, so compression behaves as it does on weights).
+1. Saves a real checkpoint of about ``--size_mb`` MB with ``checkpoint_manager.Checkpointer``
+   (synchronous; the orbax settings of training: OCDBT, zstd): a state of float32 arrays drawn from
+   a normal distribution (like weights, so compression behaves as it does on weights).
 2. Times (median of ``--rounds``): writing the manifest (list + sha256 of every file); full
    verification (sizes + sha256, as on resume) with the files in the page cache ("warm") and after
    asking the kernel to drop them from it ("cold": fsync + posix_fadvise(DONTNEED) per file, best
@@ -35,6 +35,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from lifelong_moe_jax import checkpoint_manifest  # noqa: E402
+from lifelong_moe_jax import checkpoint_manager  # noqa: E402
 from lifelong_moe_jax import checkpoints  # noqa: E402
 from lifelong_moe_jax import gin_utils  # noqa: E402
 from lifelong_moe_jax.models import lm  # noqa: E402
@@ -81,7 +82,7 @@ def save_checkpoint(directory: str, size_mb: float, leaves: int) -> tuple[str, i
   state = {
     "params": {f"w{i:03d}": rng.standard_normal(per_leaf, dtype=np.float32) for i in range(leaves)}
   }
-  ckpt = checkpoints.Checkpointer(
+  ckpt = checkpoint_manager.Checkpointer(
     directory, checkpoints.CheckpointConfig(async_checkpointing=False, max_to_keep=None)
   )
   try:

@@ -9,6 +9,8 @@ CPU devices (``JAX_PLATFORMS=cpu``); JAX's CPU collectives (gloo) connect them. 
 process prints is prefixed with ``[i]`` (stdout to stdout, stderr to stderr). When one process
 exits with an error (or is killed) the others are stopped and the launcher exits with that code.
 ``--dry_run`` prints the environment and the commands it would run, one per process, and exits.
+``--devices_per_process`` is one count for every process or a comma-separated count per process
+(``4,2``: only useful to see the start-up check refuse processes that disagree).
 
 ``<module>`` is one of the CLI short names (``train``, ``lifelong``, ``eval``, ``infer``,
 ``surgery``, ``demo``) or a full module name (``lifelong_moe_jax.train``).
@@ -117,15 +119,38 @@ def _stop(procs: Sequence[subprocess.Popen]) -> None:
       p.wait()
 
 
-def launch(commands: Sequence[Sequence[str]], env: dict[str, str], cwd: str = REPO_ROOT) -> int:
-  """Runs the processes, prefixing their output; returns 0 or the first failure's exit code."""
+def device_counts(spec: str, num_processes: int) -> list[int]:
+  """``--devices_per_process``: one count for every process (``4``) or one per process
+  (``4,2``)."""
+  try:
+    counts = [int(c) for c in spec.split(",")]
+  except ValueError:
+    counts = []
+  if len(counts) == 1:
+    counts *= num_processes
+  if len(counts) != num_processes or min(counts) < 1:
+    raise SystemExit(
+      f"error: --devices_per_process={spec!r} must be one positive count or "
+      f"{num_processes} comma-separated ones (one per process)."
+    )
+  return counts
+
+
+def launch(
+  commands: Sequence[Sequence[str]],
+  env: dict[str, str] | Sequence[dict[str, str]],
+  cwd: str = REPO_ROOT,
+) -> int:
+  """Runs the processes (``env``: one for all or one per process), prefixing their output;
+  returns 0 or the first failure's exit code."""
+  envs = [env] * len(commands) if isinstance(env, dict) else list(env)
   lock = threading.Lock()
   procs, pumps = [], []
   for i, cmd in enumerate(commands):
     p = subprocess.Popen(
       list(cmd),
       cwd=cwd,
-      env=env,
+      env=envs[i],
       stdout=subprocess.PIPE,
       stderr=subprocess.PIPE,
       text=True,
@@ -178,9 +203,9 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument("--num_processes", type=int, default=2)
   parser.add_argument(
     "--devices_per_process",
-    type=int,
-    default=4,
-    help="CPU devices per process (--xla_force_host_platform_device_count).",
+    default="4",
+    help="CPU devices per process (--xla_force_host_platform_device_count): one count, or "
+    "one per process separated by commas.",
   )
   parser.add_argument("--port", type=int, default=0, help="Coordinator port (0: a free one).")
   parser.add_argument(
@@ -192,21 +217,23 @@ def main(argv: Sequence[str] | None = None) -> int:
   rest = argv[split + 1 :]
   if not rest:
     raise SystemExit("error: name the module to run after '--' (e.g. train).")
-  if opts.num_processes < 1 or opts.devices_per_process < 1:
-    raise SystemExit("error: --num_processes and --devices_per_process must be >= 1.")
+  if opts.num_processes < 1:
+    raise SystemExit("error: --num_processes must be >= 1.")
+  devices = device_counts(opts.devices_per_process, opts.num_processes)
   port = opts.port or free_port()
   commands = process_commands(rest[0], rest[1:], opts.num_processes, port)
-  extra_env = process_env(dict(os.environ), opts.devices_per_process)
+  extra_envs = [process_env(dict(os.environ), n) for n in devices]
   if opts.dry_run:
+    shown = str(devices[0]) if len(set(devices)) == 1 else "/".join(map(str, devices))
     print(
-      f"# {opts.num_processes} processes x {opts.devices_per_process} CPU devices, "
+      f"# {opts.num_processes} processes x {shown} CPU devices, "
       f"coordinator localhost:{port}, cwd {REPO_ROOT}"
     )
     for i, cmd in enumerate(commands):
-      env = " ".join(f"{k}={shlex.quote(v)}" for k, v in sorted(extra_env.items()))
+      env = " ".join(f"{k}={shlex.quote(v)}" for k, v in sorted(extra_envs[i].items()))
       print(f"[{i}] {env} {shlex.join(cmd)}")
     return 0
-  return launch(commands, dict(os.environ, **extra_env))
+  return launch(commands, [dict(os.environ, **e) for e in extra_envs])
 
 
 if __name__ == "__main__":

@@ -250,7 +250,9 @@ def check_processes_agree(fingerprint: Mapping[str, str | int]) -> None:
     if diffs:
       problems.append(
         f"process {other} differs from process {me} in "
-        + ", ".join(f"{k} ({theirs.get(k)} vs {mine[k]})" for k in diffs)
+        + ", ".join(
+          f"{k} (process {other}: {theirs.get(k)}, process {me}: {mine[k]})" for k in diffs
+        )
       )
   if problems:
     raise ProcessMismatchError(

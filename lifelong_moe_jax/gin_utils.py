@@ -20,20 +20,8 @@ Run files mark the macros a user must set with ``NAME = %gin.REQUIRED``;
 Configuration errors (unknown configurable or parameter, bad literal, missing file) become one
 ``GinConfigError`` naming the binding and the fix, raised before any work starts.
 
-Errors (``run``): every CLI runs its ``main`` through ``run``, the one place where the project's own
-errors become a single ``error: <message>`` line on stderr, without a traceback:
-
-* exit code 2, usage and configuration errors: bad flags, gin errors (``GinConfigError``), missing
-  task modules (``TaskModuleError``) and every ``ValueError`` / ``FileNotFoundError`` /
-  ``ImportError`` raised by this package or a task module (settings refused by validation before
-  work starts: mesh, top_k, batch, unknown task, unprepared data, vocabulary mismatch, missing
-  checkpoint, refused resume, schedule and method errors, surgery refusals, ...);
-* exit code 1, runtime failures raised by this package or a task module (NaN loss, damaged
-  checkpoints, I/O errors);
-* anything else (a bug, or an error inside a library that the project did not anticipate) keeps
-  Python's traceback.
-
-``--verbose`` (or ``LIFELONG_MOE_VERBOSE=1``) prints the traceback before the ``error:`` line.
+Errors: every CLI runs its ``main`` through ``run``, which reports the project's own errors as one
+``error: <message>`` line with exit code 2 (usage) or 1 (runtime); see ``cli_errors.py``.
 """
 
 from __future__ import annotations
@@ -46,18 +34,15 @@ import pathlib
 import re
 import sys
 import tokenize
-import traceback
 from typing import Any, Callable, Sequence
 
 from absl import flags
 import gin
 
+from lifelong_moe_jax import cli_errors
+
 REPO_GIN_DIR = pathlib.Path(__file__).resolve().parent.parent / "gin"
-PACKAGE_DIR = pathlib.Path(__file__).resolve().parent
 DEFAULT_TASK_MODULES = ("tasks",)
-VERBOSE_ENV = "LIFELONG_MOE_VERBOSE"
-USAGE_EXIT_CODE = 2
-RUNTIME_EXIT_CODE = 1
 
 flags.DEFINE_multi_string("gin_file", [], "Gin config files; later files override earlier ones.")
 flags.DEFINE_multi_string("gin_bindings", [], "Individual gin bindings ('NAME = VALUE').")
@@ -82,11 +67,6 @@ flags.DEFINE_multi_string(
 flags.DEFINE_string("coordinator_address", None, "host:port of process 0 for multi-process runs.")
 flags.DEFINE_integer("process_count", None, "Number of processes of a multi-process run.")
 flags.DEFINE_integer("process_index", None, "This process's index in a multi-process run.")
-flags.DEFINE_boolean(
-  "verbose",
-  False,
-  f"On an error, print the full traceback before the one-line message (also ${VERBOSE_ENV}=1).",
-)
 
 
 def _quiet_gin_resource_probe(record: logging.LogRecord) -> bool:
@@ -99,19 +79,8 @@ def _quiet_gin_resource_probe(record: logging.LogRecord) -> bool:
 logging.getLogger().addFilter(_quiet_gin_resource_probe)
 
 
-class UsageError(ValueError):
-  """A command line, configuration or setting that cannot work (exit code 2).
-
-  The base of the CLIs' own usage errors; the message names the problem and the fix.
-  """
-
-
-class GinConfigError(UsageError):
+class GinConfigError(cli_errors.UsageError):
   """A gin file or binding is invalid."""
-
-
-class TaskModuleError(ImportError):
-  """A module named by ``--tasks_module`` cannot be found."""
 
 
 def _task_module_names(modules: Sequence[str] | None) -> list[str]:
@@ -119,19 +88,6 @@ def _task_module_names(modules: Sequence[str] | None) -> list[str]:
     modules = flags.FLAGS.tasks_module if flags.FLAGS.is_parsed() else list(DEFAULT_TASK_MODULES)
   names = [name.strip() for entry in modules for name in entry.split(",")]
   return list(dict.fromkeys(name for name in names if name))
-
-
-_PROJECT_SOURCES = [str(PACKAGE_DIR)]  # errors raised from code under these paths are the project's
-
-
-def _add_project_source(module_name: str) -> None:
-  """Counts the source of task module ``module_name`` as the project's own (see ``run``)."""
-  spec = importlib.util.find_spec(module_name)
-  if spec is None or not spec.origin or not os.path.isfile(spec.origin):
-    return
-  path = os.path.dirname(spec.origin) if spec.submodule_search_locations else spec.origin
-  if path not in _PROJECT_SOURCES:
-    _PROJECT_SOURCES.append(path)
 
 
 def import_task_modules(modules: Sequence[str] | None = None) -> list[str]:
@@ -146,19 +102,19 @@ def import_task_modules(modules: Sequence[str] | None = None) -> list[str]:
       ``--tasks_module`` flag (its default, ``tasks``, when flags are not parsed).
 
   Raises:
-    TaskModuleError: a module (or a package above it) cannot be found; one line naming the module
-      and the fix.
+    cli_errors.TaskModuleError: a module (or a package above it) cannot be found; one line naming
+      the module and the fix.
   """
   names = _task_module_names(modules)
   for name in names:
     try:
-      _add_project_source(name)
+      cli_errors.add_project_source(name)
       importlib.import_module(name)
     except ModuleNotFoundError as e:
       parts = name.split(".")
       if e.name not in {".".join(parts[:i]) for i in range(1, len(parts) + 1)}:
         raise  # the module exists but one of its own imports is missing
-      raise TaskModuleError(
+      raise cli_errors.TaskModuleError(
         f"Cannot import task module {name!r} (--tasks_module): module {e.name!r} not found; run "
         "from the repository root (where the default 'tasks' package lives), add the module's "
         "folder to PYTHONPATH, or pass --tasks_module=<your.module>."
@@ -386,98 +342,20 @@ def quiet_library_logs() -> None:
     handler.addFilter(_QuietLibraries())
 
 
-_GIN_CALL_CONTEXT = re.compile(r"^\s*In call to configurable ")
-
-
-def one_line(message: Any) -> str:
-  """``message`` on one line: gin's "In call to configurable" context dropped, lines joined."""
-  lines = [
-    line.strip()
-    for line in str(message).splitlines()
-    if line.strip() and not _GIN_CALL_CONTEXT.match(line)
-  ]
-  out = ""
-  for line in lines:
-    if out:
-      out += " " if out[-1] in ".:;,!?" else "; "
-    out += line
-  return " ".join(out.split())
-
-
-def _in_project(filename: str | None) -> bool:
-  filename = os.path.abspath(filename or "")
-  return any(filename == src or filename.startswith(src + os.sep) for src in _PROJECT_SOURCES)
-
-
-def _raised_by_project(e: BaseException) -> bool:
-  """Whether ``e`` is the project's own: its class is defined in this package or a task module,
-  or this package or a task module raised it (the innermost frame of its traceback is there)."""
-  module = sys.modules.get(type(e).__module__)
-  if type(e).__module__.split(".")[0] == __name__.split(".")[0] or (
-    module is not None and _in_project(getattr(module, "__file__", None))
-  ):
-    return True
-  tb = e.__traceback__
-  if tb is None:
-    return False
-  while tb.tb_next is not None:
-    tb = tb.tb_next
-  return _in_project(tb.tb_frame.f_code.co_filename)
-
-
-USAGE_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, ImportError)
-RUNTIME_ERRORS = (RuntimeError, OSError, ArithmeticError)
-
-
-def exit_code_for(e: BaseException) -> int | None:
-  """The exit code of an error that ``run`` reports in one line, or None (a traceback).
-
-  2 (usage/config): ``UsageError`` (``GinConfigError``), ``TaskModuleError`` and the
-  ``USAGE_ERRORS`` types when this package or a task module raised them (validation: bad settings,
-  unknown task, unprepared data, vocabulary mismatch, missing checkpoint, refused resume, ...).
-  1 (runtime): the ``RUNTIME_ERRORS`` types raised by this package or a task module (NaN loss,
-  damaged checkpoint, I/O). None: anything else, e.g. a bug or a library error the project did not
-  anticipate, which keeps its traceback.
-  """
-  if isinstance(e, (UsageError, TaskModuleError)):
-    return USAGE_EXIT_CODE
-  if not _raised_by_project(e):
-    return None
-  if isinstance(e, USAGE_ERRORS):
-    return USAGE_EXIT_CODE
-  if isinstance(e, RUNTIME_ERRORS):
-    return RUNTIME_EXIT_CODE
-  return None
-
-
-def verbose() -> bool:
-  """``--verbose`` or ``$LIFELONG_MOE_VERBOSE`` (any value but "", "0", "false", "no")."""
-  env = os.environ.get(VERBOSE_ENV, "").strip().lower() not in ("", "0", "false", "no")
-  return env or (flags.FLAGS.is_parsed() and flags.FLAGS.verbose)
-
-
-def exit_with_error(e: BaseException, code: int) -> None:
-  """Prints ``error: <message>`` (after the traceback when verbose) and exits with ``code``."""
-  sys.stdout.flush()
-  if verbose():
-    traceback.print_exception(type(e), e, e.__traceback__, file=sys.stderr)
-  sys.stderr.write(f"error: {one_line(e)}\n")
-  sys.stderr.flush()
-  sys.exit(code)
-
-
 def _parse_flags(argv: Sequence[str]) -> list[str]:
   """absl's flag parsing with a one-line ``error:`` and exit code 2 on a bad flag."""
   try:
     return flags.FLAGS(list(argv))
   except flags.Error as e:
-    exit_with_error(UsageError(f"{e} (see --helpfull for the flags)."), USAGE_EXIT_CODE)
+    cli_errors.exit_with_error(
+      cli_errors.UsageError(f"{e} (see --helpfull for the flags)."), cli_errors.USAGE_EXIT_CODE
+    )
     raise  # not reached
 
 
 def run(main: Callable[[list[str]], Any], argv: Sequence[str] | None = None) -> None:
   """``absl.app.run`` with ``--gin.NAME=VALUE`` support, an offline-safe environment and the one
-  place where every CLI turns the project's own errors into one ``error:`` line (module docstring:
+  place where every CLI turns the project's own errors into one ``error:`` line (``cli_errors``:
   exit code 2 for usage/config errors, 1 for runtime failures; ``--verbose`` or
   ``$LIFELONG_MOE_VERBOSE=1`` adds the traceback). Other exceptions keep their traceback.
   """
@@ -489,16 +367,16 @@ def run(main: Callable[[list[str]], Any], argv: Sequence[str] | None = None) -> 
   try:
     argv = rewrite_gin_args(argv)
   except GinConfigError as e:
-    exit_with_error(e, USAGE_EXIT_CODE)
+    cli_errors.exit_with_error(e, cli_errors.USAGE_EXIT_CODE)
 
   def checked_main(args):
     quiet_library_logs()
     try:
       return main(args)
     except Exception as e:  # pylint: disable=broad-except
-      code = exit_code_for(e)
+      code = cli_errors.exit_code_for(e)
       if code is None:
         raise
-      exit_with_error(e, code)
+      cli_errors.exit_with_error(e, code)
 
   app.run(checked_main, argv=argv, flags_parser=_parse_flags)

@@ -30,22 +30,39 @@ from lifelong_moe_jax.lifelong import phase_results
 from lifelong_moe_jax.lifelong import report as report_lib
 
 flags.DEFINE_string("model_dir", "./runs/study", "Where the study run (checkpoints, report) goes.")
+flags.DEFINE_string(
+  "claims_method",
+  "lifelong_moe",
+  "The method (lifelong_moe or one of its RunnerConfig.method_variants) the claims are checked for.",
+)
 
 STUDY_GIN = "lifelong/study_cpu.gin"
 DISTRIBUTIONS = ("wiki_en", "code_py", "dialog_en", "fortunes_intl")
 
 
-def write_claims(model_dir: str, report: dict) -> list[str]:
-  """Evaluates the claims on ``report``; writes ``claims.md`` and ``claims.json``; returns the
-  table lines."""
-  checked = claims_lib.evaluate_claims(report)
+def write_claims(model_dir: str, report: dict, method: str = "lifelong_moe") -> list[str]:
+  """Evaluates the claims for ``method`` on ``report``; writes ``claims.md`` (claims and the
+  per-method sweep table) and ``claims.json``; returns the claims table lines."""
+  checked = claims_lib.evaluate_claims(report, method)
   table = claims_lib.claims_table(checked)
+  summaries = [claims_lib.method_summary(report, m) for m in report["methods"]]
   phase_results.write_json_atomic(
-    os.path.join(model_dir, "claims.json"), [c.to_dict() for c in checked]
+    os.path.join(model_dir, "claims.json"),
+    {
+      "method": method,
+      "claims": [c.to_dict() for c in checked],
+      "methods": [s for s in summaries if s is not None],
+    },
   )
   tmp = os.path.join(model_dir, "claims.md.tmp")
   with open(tmp, "w", encoding="utf-8") as f:
-    f.write("# Lifelong-MoE claims on this run\n\n" + "\n".join(table) + "\n")
+    f.write(
+      f"# Lifelong-MoE claims on this run ({method})\n\n"
+      + "\n".join(table)
+      + "\n\n## Every method\n\n"
+      + "\n".join(claims_lib.method_summary_table(report))
+      + "\n"
+    )
   os.replace(tmp, os.path.join(model_dir, "claims.md"))
   return table
 
@@ -68,6 +85,11 @@ def main(argv: Sequence[str]) -> None:
     f.gin_search_paths,
   )
   runner = run_lifelong.build_runner(f.methods, f.data_dir)
+  if f.claims_method not in runner.methods:
+    raise gin_utils.GinConfigError(
+      f"--claims_method={f.claims_method} is not among the study's methods "
+      f"({', '.join(runner.methods)}); pass one of them."
+    )
   runner.run()
   # Phases finished by an older version of the runner get their routing / step-0 entries now.
   runner.backfill_analysis()
@@ -75,7 +97,7 @@ def main(argv: Sequence[str]) -> None:
   print("\n## Comparison after the last phase\n")
   print("\n".join(report_lib.comparison_table(report)))
   print("\n## Claims\n")
-  print("\n".join(write_claims(runner.model_dir, report)))
+  print("\n".join(write_claims(runner.model_dir, report, f.claims_method)))
   print(
     f"\nStudy finished in {(time.perf_counter() - start) / 60:.1f} min. Report: "
     f"{runner.model_dir}/report.md, claims: {runner.model_dir}/claims.md"

@@ -6,11 +6,11 @@ r"""Expert-expansion surgery on a saved checkpoint (CLI).
 
 Reads the checkpoint (a step folder, or a MODEL_DIR / checkpoints folder: its latest step) with its
 metadata, grows every MoE layer from E to E + N experts (params, router columns, optimizer state;
-``lifelong.expansion.expand_for_phase``), validates the result (shapes, old slices bit-equal), appends a
-phase to the phase record saved in the metadata and writes ``OUTPUT/checkpoints/<step>`` — a run
-folder that ``train`` resumes from (``--gin.MODEL_DIR`` = OUTPUT with the expanded model config) or
-restores with ``train.restore_checkpoint_path``. The data position is not carried over: a run that
-resumes from OUTPUT starts its input stream afresh.
+``lifelong.phase_expansion.expand_for_phase``), validates the result (shapes, old slices
+bit-equal), appends a phase to the phase record saved in the metadata and writes
+``OUTPUT/checkpoints/<step>`` — a run folder that ``train`` resumes from (``--gin.MODEL_DIR`` =
+OUTPUT with the expanded model config) or restores with ``train.restore_checkpoint_path``. The data
+position is not carried over: a run that resumes from OUTPUT starts its input stream afresh.
 
 Sharding: arrays are restored directly into the shardings of the mesh given by ``--gin_file`` /
 ``--gin.MeshConfig.*`` flags (default: every local device on the data axis, whatever mesh the run
@@ -39,10 +39,11 @@ import gin
 import jax
 
 from lifelong_moe_jax import checkpoints
+from lifelong_moe_jax import cli_errors
 from lifelong_moe_jax import gin_utils
 from lifelong_moe_jax import partitioning
 from lifelong_moe_jax.lifelong import checkpoint_expansion
-from lifelong_moe_jax.lifelong import expansion
+from lifelong_moe_jax.lifelong import phase_expansion
 from lifelong_moe_jax.lifelong.phase_record import METADATA_KEY
 from lifelong_moe_jax.lifelong.phase_record import PhaseRecord
 from lifelong_moe_jax.models.config import ModelConfig
@@ -68,7 +69,7 @@ flags.DEFINE_string(
 flags.DEFINE_integer("seed", 0, "Seed of the copy noise / random init.")
 
 
-class SurgeryCliError(gin_utils.UsageError):
+class SurgeryCliError(cli_errors.UsageError):
   """The surgery cannot be run as asked (exit code 2, one ``error:`` line via ``gin_utils.run``)."""
 
 
@@ -144,7 +145,8 @@ def run_surgery(
     optimizer: the optimizer of the saved state (default ``create_optimizer(name=<metadata>)``
       with gin's other settings).
   Raises:
-    SurgeryCliError / expansion.ExpansionError (AlreadyExpandedError) / CheckpointMismatchError.
+    SurgeryCliError / expansion.ExpansionError (phase_expansion.AlreadyExpandedError) /
+    CheckpointMismatchError.
   """
   if add_experts is None or add_experts <= 0:
     raise SurgeryCliError(f"--add_experts must be a positive integer, got {add_experts}.")
@@ -167,7 +169,7 @@ def run_surgery(
     return finished
   record = checkpoint_expansion.record_of_checkpoint(metadata, config)
   if record is not None and phase_name in record:  # refused before anything is restored
-    raise expansion.AlreadyExpandedError(
+    raise phase_expansion.AlreadyExpandedError(
       f"{step_dir} was already expanded for phase {phase_name!r} (phase record: "
       f"{record.expert_slices()}); expanding again would add experts twice. Resume from it, or "
       "pass another --phase_name to add more experts."

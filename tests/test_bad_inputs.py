@@ -540,7 +540,7 @@ def test_run_wrapper(args, env, code, first, last):
 
 
 def test_nan_message_says_what_is_configured():
-  from lifelong_moe_jax import gin_utils  # pylint: disable=import-outside-toplevel
+  from lifelong_moe_jax import cli_errors  # pylint: disable=import-outside-toplevel
   from lifelong_moe_jax.training import trainer  # pylint: disable=import-outside-toplevel
 
   on = trainer.NonFiniteLossError(7, "loss", float("nan"), clip_grad_norm=1.0, learning_rate=0.01)
@@ -552,7 +552,7 @@ def test_nan_message_says_what_is_configured():
   assert "enable gradient clipping" not in str(on)
   off = trainer.NonFiniteLossError(7, "loss", float("nan"))
   assert "Gradient clipping is off (create_optimizer.clip_grad_norm = None): enable it" in str(off)
-  assert gin_utils.exit_code_for(on) == gin_utils.RUNTIME_EXIT_CODE
+  assert cli_errors.exit_code_for(on) == cli_errors.RUNTIME_EXIT_CODE
 
 
 def test_startup_filter_drops_only_tensorflow_start_up_lines():

@@ -9,6 +9,8 @@ import pytest
 import seqio
 
 from lifelong_moe_jax import gin_utils
+from lifelong_moe_jax.lifelong import ewc_fisher
+from lifelong_moe_jax.lifelong import method_mixtures
 from lifelong_moe_jax.lifelong import methods as baselines
 from lifelong_moe_jax.lifelong import runner as runner_lib
 from lifelong_moe_jax.models.config import ModelConfig
@@ -81,7 +83,7 @@ def test_dense_model_is_flop_matched():
 
 
 def test_replay_and_joint_mixtures():
-  name = baselines.register_replay_mixture(
+  name = method_mixtures.register_replay_mixture(
     "lifelong_dialog_en", ["lifelong_wiki_en", "lifelong_code_py"], 0.25
   )
   mixture = seqio.MixtureRegistry.get(name)
@@ -89,12 +91,12 @@ def test_replay_and_joint_mixtures():
   assert rates == pytest.approx(
     {"lifelong_dialog_en": 0.75, "lifelong_wiki_en": 0.125, "lifelong_code_py": 0.125}
   )
-  assert baselines.register_replay_mixture("lifelong_wiki_en", [], 0.25) == "lifelong_wiki_en"
-  assert name == baselines.register_replay_mixture(
+  assert method_mixtures.register_replay_mixture("lifelong_wiki_en", [], 0.25) == "lifelong_wiki_en"
+  assert name == method_mixtures.register_replay_mixture(
     "lifelong_dialog_en", ["lifelong_wiki_en", "lifelong_code_py"], 0.25
   )  # deterministic
   joint = seqio.MixtureRegistry.get(
-    baselines.register_joint_mixture(["lifelong_wiki_en", "lifelong_all"])
+    method_mixtures.register_joint_mixture(["lifelong_wiki_en", "lifelong_all"])
   )
   rates = {t.name: joint.get_rate(t) for t in joint.tasks}
   assert rates == pytest.approx(
@@ -182,7 +184,7 @@ def test_baselines_run_two_phases(tmp_path, tmp_path_factory, prepared_data_dir)
   assert report["methods"]["dense_finetune"]["phases"][0]["num_experts"] == 0
   assert report["methods"]["multitask"]["phases"][0]["trained_on"].startswith("lifelong_joint_")
   assert report["methods"]["replay"]["phases"][1]["trained_on"].startswith("lifelong_replay_")
-  assert os.path.isdir(os.path.join(runner.phase_dir("ewc", 1), baselines.FISHER_DIR))
+  assert os.path.isdir(os.path.join(runner.phase_dir("ewc", 1), ewc_fisher.FISHER_DIR))
   for m, key in (("l2", "reg/l2/distance"), ("ewc", "reg/ewc/distance")):
     records = summaries.read_jsonl(os.path.join(runner.phase_dir(m, 1), "train", "metrics.jsonl"))
     assert records and all(r[key] >= 0 for r in records) and records[-1][key] > 0, m

@@ -157,7 +157,7 @@ def test_router_init_step0_prints_the_step0_table(prepared_data_dir, tmp_path):
   """A tiny MoE trained 2 steps here, expanded with every router_init and evaluated before/after."""
   import dataclasses  # pylint: disable=import-outside-toplevel
   import numpy as np  # pylint: disable=import-outside-toplevel
-  from lifelong_moe_jax import checkpoints  # pylint: disable=import-outside-toplevel
+  from lifelong_moe_jax import checkpoint_manager  # pylint: disable=import-outside-toplevel
   from lifelong_moe_jax import partitioning  # pylint: disable=import-outside-toplevel
   from lifelong_moe_jax.data import vocab as vocab_lib  # pylint: disable=import-outside-toplevel
   from lifelong_moe_jax.models import lm  # pylint: disable=import-outside-toplevel
@@ -190,7 +190,7 @@ def test_router_init_step0_prints_the_step0_table(prepared_data_dir, tmp_path):
       state, trainer.global_batch({"decoder_input_tokens": tokens, "decoder_target_tokens": tokens})
     )
   model_dir = str(tmp_path / "tiny")
-  checkpoints.save_state(
+  checkpoint_manager.save_state(
     model_dir,
     2,
     state,
@@ -219,3 +219,21 @@ def test_router_init_step0_prints_the_step0_table(prepared_data_dir, tmp_path):
     assert re.search(
       rf"\| {label} \| [+-][0-9.]+% \| [0-9.]+% \| [+-][0-9.]+% \| [0-9.]+% \|", out
     ), out
+
+
+def test_distill_step_prints_the_ratio_and_a_live_kl(prepared_data_dir):
+  out = _run(
+    "distill_step.py",
+    prepared_data_dir,
+    "--gin_file=models/tiny.gin",
+    "--vocab_size=256",
+    "--batch=4",
+    "--length=32",
+    "--steps=1",
+    "--rounds=1",
+    "--teacher_train_capacity",
+  )
+  assert re.search(r"lifelong_moe \(teacher cf [0-9.]+\) .* last KL", out), out
+  assert re.search(r"lifelong_moe / expand_freeze \(best teacher\): x[0-9.]+", out), out
+  kl = re.search(r"lifelong_moe \(teacher einsum\) .* last KL ([0-9.]+)\)", out)
+  assert kl and float(kl.group(1)) > 0, out  # teacher (random init) and student differ

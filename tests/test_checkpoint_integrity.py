@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 
 from lifelong_moe_jax import checkpoint_manifest as cm
+from lifelong_moe_jax import checkpoint_manager
 from lifelong_moe_jax import checkpoints
 from lifelong_moe_jax import gin_utils
 from lifelong_moe_jax import partitioning as pt
@@ -198,7 +199,7 @@ def small(reference):
 
 
 def _save(model_dir: str, state, steps=(2, 4), async_checkpointing: bool = False) -> str:
-  ckpt = checkpoints.Checkpointer(
+  ckpt = checkpoint_manager.Checkpointer(
     model_dir,
     checkpoints.CheckpointConfig(
       save_interval_steps=1, max_to_keep=None, async_checkpointing=async_checkpointing
@@ -212,7 +213,7 @@ def _save(model_dir: str, state, steps=(2, 4), async_checkpointing: bool = False
 
 def _resume(trainer, model_dir: str) -> trainer_lib.StartPoint:
   return trainer.restore_or_initialize(
-    checkpoints.Checkpointer(model_dir), vocabulary_fingerprint=FINGERPRINT
+    checkpoint_manager.Checkpointer(model_dir), vocabulary_fingerprint=FINGERPRINT
   )
 
 
@@ -284,7 +285,7 @@ def test_configuration_errors_are_not_damage(small, tmp_path):
   root = _save(str(tmp_path), state)
   with pytest.raises(ValueError, match="Vocabulary mismatch"):
     trainer.restore_or_initialize(
-      checkpoints.Checkpointer(str(tmp_path)),
+      checkpoint_manager.Checkpointer(str(tmp_path)),
       vocabulary_fingerprint="sentencepiece:sha256=abc:extra_ids=0",
     )
   other = trainer_lib.Trainer(
@@ -319,11 +320,16 @@ def test_reading_a_damaged_step_dir_is_one_line(small, tmp_path):
   root = _save(str(tmp_path), state)
   step_dir = os.path.join(root, "4")
   os.remove(os.path.join(step_dir, cm.MANIFEST_NAME))
-  truncate_array_file(step_dir)
+  # Every array data file: OCDBT packs arrays into files in no fixed order, so the largest file
+  # alone may hold only optimizer state, which a params-only restore never reads.
+  for name in _files_by_size(step_dir, "state/"):
+    if "/d/" in name:
+      with open(os.path.join(step_dir, name), "r+b") as f:
+        f.truncate(os.path.getsize(os.path.join(step_dir, name)) // 2)
   with pytest.raises(checkpoints.CheckpointReadError) as err:
     checkpoints.restore_params(step_dir, trainer.abstract_state.params)
   assert "\n" not in str(err.value) and str(err.value).startswith(
-    f"Cannot read checkpoint {step_dir} (reading state arrays failed: "
+    f"Cannot read checkpoint {step_dir} (reading state "
   ), str(err.value)
 
 

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from lifelong_moe_jax import checkpoint_manager
 from lifelong_moe_jax import checkpoints
 from lifelong_moe_jax import partitioning as pt
 from lifelong_moe_jax.models import lm
@@ -48,7 +49,9 @@ def saved(tmp_path_factory):
   it = TfDatasetIterator(ds, checkpoint=True)
   for _ in range(3):
     next(it)
-  ckpt = checkpoints.Checkpointer(model_dir, checkpoints.CheckpointConfig(save_interval_steps=1))
+  ckpt = checkpoint_manager.Checkpointer(
+    model_dir, checkpoints.CheckpointConfig(save_interval_steps=1)
+  )
   ckpt.save(
     3,
     state,
@@ -67,7 +70,7 @@ def saved(tmp_path_factory):
 
 def test_sharded_round_trip_and_metadata(saved):
   model_dir, trainer, state, _, _ = saved
-  assert checkpoints.Checkpointer(model_dir).all_steps() == [3, 7]
+  assert checkpoint_manager.Checkpointer(model_dir).all_steps() == [3, 7]
   step_dir = checkpoints.resolve_step_dir(model_dir, step=3)
   assert checkpoints.read_metadata(step_dir)["phase_record"] == {"phase": 1}
   assert checkpoints.read_metadata(model_dir)["step"] == 7  # latest
@@ -116,18 +119,18 @@ def test_mismatch_names_params_and_config_difference(saved):
     )
   # The trainer resumes from its own folder the same way: an error, never a re-initialisation.
   with pytest.raises(checkpoints.CheckpointMismatchError, match="params/"):
-    other.restore_or_initialize(checkpoints.Checkpointer(model_dir))
+    other.restore_or_initialize(checkpoint_manager.Checkpointer(model_dir))
 
 
 def test_vocabulary_fingerprint_mismatch(saved):
   model_dir, trainer, _, _, _ = saved
   with pytest.raises(ValueError, match="Vocabulary mismatch"):
     trainer.restore_or_initialize(
-      checkpoints.Checkpointer(model_dir),
+      checkpoint_manager.Checkpointer(model_dir),
       vocabulary_fingerprint="sentencepiece:sha256=abc:extra_ids=0",
     )
   start = trainer.restore_or_initialize(
-    checkpoints.Checkpointer(model_dir), vocabulary_fingerprint="byte:extra_ids=0"
+    checkpoint_manager.Checkpointer(model_dir), vocabulary_fingerprint="byte:extra_ids=0"
   )
   assert start.source == "resumed" and start.step_dir.endswith("7")
 
@@ -160,7 +163,7 @@ def test_relative_model_dir_saves_and_restores(tmp_path, monkeypatch):
   monkeypatch.chdir(tmp_path)
   trainer = _trainer()
   state = trainer.init_state()
-  ckpt = checkpoints.Checkpointer(
+  ckpt = checkpoint_manager.Checkpointer(
     os.path.join(".", "runs", "rel"), checkpoints.CheckpointConfig(save_interval_steps=1)
   )
   ckpt.save(2, state, {"vocabulary_fingerprint": "byte:extra_ids=0"})

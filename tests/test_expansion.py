@@ -14,6 +14,8 @@ from jax.sharding import PartitionSpec as P
 from lifelong_moe_jax import param_tree
 from lifelong_moe_jax import partitioning as pt
 from lifelong_moe_jax.lifelong import expansion
+from lifelong_moe_jax.lifelong import opt_state_expansion
+from lifelong_moe_jax.lifelong import phase_expansion
 from lifelong_moe_jax.lifelong.phase_record import PhaseRecord, PhaseRecordError
 from lifelong_moe_jax.models.config import ModelConfig
 from lifelong_moe_jax.models.lm import LanguageModel
@@ -101,7 +103,7 @@ def test_copy_init_round_robin_keeps_old_slices_and_copies_with_scaled_noise(sca
   new = expansion.expand_params(
     params, axes, N, init="copy", rng=jax.random.PRNGKey(0), noise_scale=0.1
   )
-  expansion.validate_expansion(params, new, axes, N)
+  phase_expansion.validate_expansion(params, new, axes, N)
   assert param_tree.expert_counts(new, axes) == {
     k: E + N for k in param_tree.expert_counts(params, axes)
   }
@@ -162,7 +164,7 @@ def test_random_init_takes_new_slices_from_the_fresh_model(scanned):
   new = expansion.expand_params(
     params, axes, N, init="random", rng=jax.random.PRNGKey(3), model_for_random_init=init_fn
   )
-  expansion.validate_expansion(params, new, axes, N)
+  phase_expansion.validate_expansion(params, new, axes, N)
   for old_layer, fresh_layer, new_layer in zip(
     _moe_leaves(params, scanned), _moe_leaves(fresh, scanned), _moe_leaves(new, scanned)
   ):
@@ -202,7 +204,7 @@ def test_real_model_trees_expand_expert_weights_and_router_only(scanned):
   model = LanguageModel(dataclasses.replace(_TINY, scan_layers=scanned))
   params, axes = _real_params(model)
   new = expansion.expand_params(params, axes, 2, rng=jax.random.PRNGKey(1))
-  expansion.validate_expansion(params, new, axes, 2)
+  phase_expansion.validate_expansion(params, new, axes, 2)
   counts = param_tree.expert_counts(new, axes)
   if scanned:
     assert sorted(counts) == [
@@ -237,7 +239,7 @@ def test_random_init_uses_the_expanded_models_own_initializer():
   new = expansion.expand_params(
     params, axes, 2, init="random", rng=jax.random.PRNGKey(2), model_for_random_init=big
   )
-  expansion.validate_expansion(params, new, axes, 2)
+  phase_expansion.validate_expansion(params, new, axes, 2)
   moe = new["blocks"]["layer_1"]["moe"]
   # New slices follow the layers' fan-in initializer (std ~ 1/sqrt(16)), unlike the N(0, 1) ones.
   for leaf, expert_ax in ((moe["wi"], 1), (moe["wo"], 1), (moe["router"]["kernel"], 2)):
@@ -271,7 +273,7 @@ def test_opt_state_expansion_matches_tx_init_of_expanded_params(opt, scanned):
   tx = _OPTIMIZERS[opt]()
   params, axes = _synthetic(scanned)
   state = _trained_state(tx, params)
-  new_state = expansion.expand_opt_state(state, params, axes, N, tx=tx)
+  new_state = opt_state_expansion.expand_opt_state(state, params, axes, N, tx=tx)
   ref = jax.eval_shape(tx.init, expansion.expanded_abstract_params(params, axes, N))
   assert jax.tree_util.tree_structure(new_state) == jax.tree_util.tree_structure(ref)
   specs = pt.state_logical_axes(state, params, axes)
@@ -292,7 +294,7 @@ def test_opt_state_expansion_matches_tx_init_of_expanded_params(opt, scanned):
     assert not np.any(np.take(new, np.arange(E, E + N), axis=ax))
   assert grown_leaves > 0
   # Without tx the result is the same for these layouts.
-  again = expansion.expand_opt_state(state, params, axes, N)
+  again = opt_state_expansion.expand_opt_state(state, params, axes, N)
   for a, b in zip(jax.tree_util.tree_leaves(again), jax.tree_util.tree_leaves(new_state)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
@@ -308,8 +310,8 @@ def test_adafactor_statistics_are_refactored_when_the_factored_dims_change():
   tx = optax.adafactor(1e-3, min_dim_size_to_factor=8)
   state = _trained_state(tx, params)
   with pytest.raises(expansion.ExpansionError, match="pass tx="):
-    expansion.expand_opt_state(state, params, axes, 16)
-  new_state = expansion.expand_opt_state(state, params, axes, 16, tx=tx)
+    opt_state_expansion.expand_opt_state(state, params, axes, 16)
+  new_state = opt_state_expansion.expand_opt_state(state, params, axes, 16, tx=tx)
   ref = jax.eval_shape(tx.init, expansion.expanded_abstract_params(params, axes, 16))
   for a, b in zip(jax.tree_util.tree_leaves(new_state), jax.tree_util.tree_leaves(ref)):
     assert a.shape == b.shape
@@ -337,12 +339,12 @@ def test_validate_expansion_reports_tampering():
   bad = jax.tree_util.tree_map(lambda x: x, new)
   bad["layers_3"]["moe"]["wo"] = new["layers_3"]["moe"]["wo"].at[1, 0, 0].add(1e-6)
   with pytest.raises(expansion.ExpansionError, match="layers_3/moe/wo.*bit-identical"):
-    expansion.validate_expansion(params, bad, axes, N)
+    phase_expansion.validate_expansion(params, bad, axes, N)
   bad = dict(new, embed={"embedding": params["embed"]["embedding"] + 1})
   with pytest.raises(expansion.ExpansionError, match="non-expert param changed value"):
-    expansion.validate_expansion(params, bad, axes, N)
+    phase_expansion.validate_expansion(params, bad, axes, N)
   with pytest.raises(expansion.ExpansionError, match="expected shape"):
-    expansion.validate_expansion(params, new, axes, N + 1)
+    phase_expansion.validate_expansion(params, new, axes, N + 1)
 
 
 def test_bad_arguments_have_clear_errors():
@@ -400,8 +402,8 @@ def test_expand_for_phase_refuses_to_expand_twice():
   params, axes = _synthetic(True)
   tx = optax.adamw(1e-3)
   record = PhaseRecord.start("A", mixture="a", steps=1, method="lifelong_moe", num_experts=E)
-  assert expansion.expansion_needed(record, "B", params, axes)
-  result = expansion.expand_for_phase(
+  assert phase_expansion.expansion_needed(record, "B", params, axes)
+  result = phase_expansion.expand_for_phase(
     params,
     axes,
     record,
@@ -420,11 +422,11 @@ def test_expand_for_phase_refuses_to_expand_twice():
   assert result.record.phase("B").extra["source_experts"] == [[0, 1, 2]] * L
   assert result.opt_state[0].mu["blocks"]["layer_1"]["moe"]["wi"].shape == (L, E + N, D, H)
   # A restart finds the expanded checkpoint and its record: no second expansion.
-  assert not expansion.expansion_needed(result.record, "B", result.params, axes)
-  with pytest.raises(expansion.AlreadyExpandedError, match="already expanded for phase 'B'"):
-    expansion.check_not_already_expanded(result.record, "B", result.params, axes)
-  with pytest.raises(expansion.AlreadyExpandedError):
-    expansion.expand_for_phase(
+  assert not phase_expansion.expansion_needed(result.record, "B", result.params, axes)
+  with pytest.raises(phase_expansion.AlreadyExpandedError, match="already expanded for phase 'B'"):
+    phase_expansion.check_not_already_expanded(result.record, "B", result.params, axes)
+  with pytest.raises(phase_expansion.AlreadyExpandedError):
+    phase_expansion.expand_for_phase(
       result.params,
       axes,
       result.record,
@@ -438,9 +440,9 @@ def test_expand_for_phase_refuses_to_expand_twice():
     )
   # Expanded params saved without their record (or the reverse) are detected.
   with pytest.raises(expansion.ExpansionError, match="disagree"):
-    expansion.check_not_already_expanded(record, "B", result.params, axes)
+    phase_expansion.check_not_already_expanded(record, "B", result.params, axes)
   with pytest.raises(expansion.ExpansionError, match="record says phase 'B' has"):
-    expansion.check_not_already_expanded(result.record, "B", params, axes)
+    phase_expansion.check_not_already_expanded(result.record, "B", params, axes)
 
 
 def test_sharded_expansion_keeps_expert_sharding_without_gathering():
@@ -455,7 +457,7 @@ def test_sharded_expansion_keeps_expert_sharding_without_gathering():
   )
   state = jax.device_put(_trained_state(tx, params), state_shardings)
   new = expansion.expand_params(sharded, axes, 4, rng=jax.random.PRNGKey(0), noise_scale=0.1)
-  expansion.validate_expansion(sharded, new, axes, 4)
+  phase_expansion.validate_expansion(sharded, new, axes, 4)
   moe, old_moe = new["blocks"]["layer_1"]["moe"], params["blocks"]["layer_1"]["moe"]
   wi, router = moe["wi"], moe["router"]["kernel"]
   assert wi.shape == (L, 8, D, H)
@@ -465,7 +467,7 @@ def test_sharded_expansion_keeps_expert_sharding_without_gathering():
   for i in range(4):  # round-robin copies plus noise of ~0.1 * std(source).
     delta = np.asarray(wi[:, E + i]) - old_moe["wi"][:, i]
     assert 0 < np.std(delta) < 0.3 * np.std(old_moe["wi"][:, i])
-  new_state = expansion.expand_opt_state(state, params, axes, 4, tx=tx)
+  new_state = opt_state_expansion.expand_opt_state(state, params, axes, 4, tx=tx)
   v_row = new_state[0].v_row["blocks"]["layer_1"]["moe"]["wi"]  # [L, 8, D]: mlp factored out.
   assert v_row.shape == (L, 8, D)
   assert {s.data.shape for s in v_row.addressable_shards} == {(L, 2, D)}

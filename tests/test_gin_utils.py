@@ -5,6 +5,7 @@ import sys
 import gin
 import pytest
 
+from lifelong_moe_jax import cli_errors
 from lifelong_moe_jax import gin_utils
 from lifelong_moe_jax import train
 
@@ -111,7 +112,7 @@ def test_folders_named_like_gin_subfolders_in_the_working_directory(tmp_path, mo
 
 
 def test_import_task_modules_names_a_missing_module():
-  with pytest.raises(gin_utils.TaskModuleError) as err:
+  with pytest.raises(cli_errors.TaskModuleError) as err:
     gin_utils.import_task_modules(["no_such_tasks_pkg.sub"])
   message = str(err.value)
   assert "'no_such_tasks_pkg.sub' (--tasks_module)" in message and "PYTHONPATH" in message
@@ -181,7 +182,7 @@ def test_one_line_and_exit_codes():
   from lifelong_moe_jax.models.config import ModelConfig  # pylint: disable=import-outside-toplevel
 
   assert (
-    gin_utils.one_line(
+    cli_errors.one_line(
       "Unknown task 'x'.\nRegistered tasks: a, b\n  In call to configurable "
       "'train' (<function train>)\nSee docs."
     )
@@ -189,10 +190,10 @@ def test_one_line_and_exit_codes():
   )
   with pytest.raises(ValueError) as project:  # raised by the package: a usage error
     ModelConfig(num_experts=8, top_k=9)
-  assert gin_utils.exit_code_for(project.value) == gin_utils.USAGE_EXIT_CODE
-  assert gin_utils.exit_code_for(gin_utils.GinConfigError("bad")) == gin_utils.USAGE_EXIT_CODE
-  assert gin_utils.exit_code_for(gin_utils.TaskModuleError("none")) == gin_utils.USAGE_EXIT_CODE
+  assert cli_errors.exit_code_for(project.value) == cli_errors.USAGE_EXIT_CODE
+  assert cli_errors.exit_code_for(gin_utils.GinConfigError("bad")) == cli_errors.USAGE_EXIT_CODE
+  assert cli_errors.exit_code_for(cli_errors.TaskModuleError("none")) == cli_errors.USAGE_EXIT_CODE
   with pytest.raises(ValueError) as foreign:  # raised elsewhere: keeps its traceback
     int("x")
-  assert gin_utils.exit_code_for(foreign.value) is None
-  assert gin_utils.exit_code_for(KeyError("bug")) is None
+  assert cli_errors.exit_code_for(foreign.value) is None
+  assert cli_errors.exit_code_for(KeyError("bug")) is None

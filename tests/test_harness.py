@@ -26,6 +26,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
+from lifelong_moe_jax import checkpoint_manager  # noqa: E402
 from lifelong_moe_jax import checkpoints  # noqa: E402
 from lifelong_moe_jax import decoding  # noqa: E402
 from lifelong_moe_jax import partitioning  # noqa: E402
@@ -33,6 +34,7 @@ from lifelong_moe_jax.data import data_dir as data_dir_lib  # noqa: E402
 from lifelong_moe_jax.data import vocab as vocab_lib  # noqa: E402
 from lifelong_moe_jax.eval import fewshot  # noqa: E402
 from lifelong_moe_jax.eval import harness  # noqa: E402
+from lifelong_moe_jax.eval import harness_tasks  # noqa: E402
 from lifelong_moe_jax.eval import inference  # noqa: E402
 from lifelong_moe_jax.models import lm  # noqa: E402
 from lifelong_moe_jax.models.config import ModelConfig  # noqa: E402
@@ -111,15 +113,15 @@ def _teacher_forced(model_lm, ctx, cont):
 
 def test_harness_acc_equals_our_fewshot_accuracy(trained, tmp_path, prepared_data_dir):
   _, model_lm = trained
-  local = harness.export_fewshot_task(
+  local = harness_tasks.export_fewshot_task(
     "fewshot_polarity", str(tmp_path), k=K, max_examples=QUESTIONS
   )
   assert local.num_questions == QUESTIONS and local.name == "fewshot_polarity_k1"
   first = json.loads(open(local.data_file, encoding="utf-8").readline())
   assert first["choices"] == [" negative", " positive"] and first["query"].endswith("Sentiment:")
   assert first["query"].count("Sentiment:") == K + 1  # one demonstration + the query
-  results = harness.evaluate(model_lm, [local.name], include_path=str(tmp_path))
-  values = harness.metric_values(results)[local.name]
+  results = harness_tasks.evaluate(model_lm, [local.name], include_path=str(tmp_path))
+  values = harness_tasks.metric_values(results)[local.name]
   loaded = model_lm.loaded
   with loaded.partitioner.context():
     ours = fewshot.run_fewshot(
@@ -251,7 +253,7 @@ def _save(model_dir, config, vocabulary, metadata, store_config=True):
   model = lm.build_model(config, vocabulary.vocab_size)
   params = nn.unbox(jax.jit(model.init)(jax.random.PRNGKey(0)))
   stored = {"model_config": dataclasses.asdict(model.config)} if store_config else {}
-  checkpoints.save_state(
+  checkpoint_manager.save_state(
     model_dir, 1, {"params": params, "step": np.int32(1)}, {**stored, **metadata}
   )
 
@@ -287,7 +289,7 @@ def test_checkpoint_of_another_model_is_one_clear_error(tmp_path, prepared_data_
 
 def test_cli_writes_results_json_and_prints_table(trained, tmp_path, prepared_data_dir):
   model_dir, _ = trained
-  local = harness.export_fewshot_task(
+  local = harness_tasks.export_fewshot_task(
     "fewshot_polarity", str(tmp_path / "tasks"), k=K, max_examples=8
   )
   out = tmp_path / "out"
@@ -330,7 +332,7 @@ def test_runner_harness_callback(trained, tmp_path):
   from lifelong_moe_jax.lifelong.schedule import ScheduleError  # pylint: disable=import-outside-toplevel
 
   _, model_lm = trained
-  local = harness.export_fewshot_task("fewshot_polarity", str(tmp_path), k=K, max_examples=8)
+  local = harness_tasks.export_fewshot_task("fewshot_polarity", str(tmp_path), k=K, max_examples=8)
   with pytest.raises(ScheduleError, match="no_such_task"):
     phase_callbacks.HarnessEval(
       enabled=True, tasks=("no_such_task",), include_path=str(tmp_path)

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import seqio
 
+from lifelong_moe_jax import checkpoint_manager
 from lifelong_moe_jax import checkpoints
 from lifelong_moe_jax import decoding
 from lifelong_moe_jax import infer
@@ -43,7 +44,7 @@ def run_dir(prepared_data_dir, tmp_path_factory):
     model = lm.build_model(CFG, vocabulary.vocab_size)
     params = nn.unbox(jax.jit(model.init)(jax.random.PRNGKey(0)))
     model_dir = str(tmp_path_factory.mktemp("run"))
-    checkpoints.save_state(
+    checkpoint_manager.save_state(
       model_dir,
       3,
       {"params": params, "step": np.int32(3)},

@@ -6,13 +6,18 @@ global batch 8 assembled from ``data_shards=2`` input shards):
 * ``one``: 1 process x 8 devices, 8 steps (``--gin.train.data_shards=2``: the same global batches);
 * ``two``: 2 processes x 4 devices, 8 steps, checkpoints at 4 and 8;
 * ``killed``: 2 processes, a run to 1000 steps checkpointing only at step 4, both processes
-  SIGKILLed once that checkpoint is complete, relaunched with TRAIN_STEPS=8.
+  SIGKILLed once that checkpoint is complete, relaunched with TRAIN_STEPS=8;
+* ``lifelong_runs``: the lifelong runner on ``gin/lifelong/tiny_test.gin`` (lifelong_moe and
+  finetune: expansion, freezing, distillation) in 1 process x 8 devices and in 2 processes x 4
+  devices, both with ``RunnerConfig.data_shards=2``, every file write under MODEL_DIR recorded
+  by ``tests/write_audit/sitecustomize.py``.
 
 Subprocesses share the persistent XLA compilation cache of tests/test_trainer_cli.py.
 """
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 import re
@@ -74,7 +79,7 @@ def _train_args(model_dir: str, steps: int, *extra: str) -> list[str]:
   return [*TRAIN_ARGS, f'--gin.MODEL_DIR="{model_dir}"', f"--gin.TRAIN_STEPS={steps}", *extra]
 
 
-def _launch_cmd(module: str, args, num_processes: int = 2, devices: int = 4) -> list[str]:
+def _launch_cmd(module: str, args, num_processes: int = 2, devices: int | str = 4) -> list[str]:
   return [
     sys.executable,
     LAUNCHER,
@@ -86,24 +91,28 @@ def _launch_cmd(module: str, args, num_processes: int = 2, devices: int = 4) -> 
   ]
 
 
-def run_launched(data_dir: str, module: str, args, **kw) -> subprocess.CompletedProcess:
+def run_launched(
+  data_dir: str, module: str, args, env: dict[str, str] | None = None, **kw
+) -> subprocess.CompletedProcess:
   """Runs ``module`` in 2 processes x 4 devices through the launcher."""
   return subprocess.run(
     _launch_cmd(module, args, **kw),
     cwd=REPO,
-    env=_env(data_dir),
+    env=env or _env(data_dir),
     capture_output=True,
     text=True,
     timeout=TIMEOUT_S,
   )
 
 
-def run_single(data_dir: str, module: str, args) -> subprocess.CompletedProcess:
+def run_single(
+  data_dir: str, module: str, args, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
   """Runs ``python -m lifelong_moe_jax.<module>`` in 1 process x 8 devices."""
   return subprocess.run(
     [sys.executable, "-m", f"lifelong_moe_jax.{module}", *args],
     cwd=REPO,
-    env=_env(data_dir),
+    env=env or _env(data_dir),
     capture_output=True,
     text=True,
     timeout=TIMEOUT_S,
@@ -299,3 +308,189 @@ def test_infer_score_and_fewshot_in_two_processes_equal_one_process(
     for name in names:
       one_text, two_text = (out1 / name).read_text(), (out2 / name).read_text()
       assert one_text and one_text == two_text, (module, name)
+
+
+# ------------------------------------------------------------------------- lifelong runner
+LIFELONG_ARGS = ["--gin_file=lifelong/tiny_test.gin", "--gin.RunnerConfig.data_shards=2"]
+LIFELONG_TIMEOUT_S = 1800
+WRITE_AUDIT = os.path.join(REPO, "tests", "write_audit")
+# Keys whose values are host wall-clock measurements (differ between any two runs).
+WALL_CLOCK_KEYS = frozenset({"timing", "step_time", "tokens_per_second"})
+# Checkpoint files each process writes for its own shards (TensorStore / tf.data iterator).
+PER_PROCESS = re.compile(r"(array_metadatas/process_\d+|ocdbt\.process_\d+|process_\d+-of-\d+)")
+# Random parts of temporary names (tempfile suffixes, orbax / manifest tmp ids).
+RANDOM_TMP = re.compile(r"\.[A-Za-z0-9_]{8}\.tmp$|\.tmp-[0-9a-f]{32}$")
+
+
+def _audited_env(data_dir: str, model_dir: str, log_dir: str) -> dict[str, str]:
+  env = _env(data_dir)
+  env.update(
+    PYTHONPATH=os.pathsep.join(p for p in (WRITE_AUDIT, env.get("PYTHONPATH")) if p),
+    LIFELONG_MOE_WRITE_AUDIT_ROOT=model_dir,
+    LIFELONG_MOE_WRITE_AUDIT_LOG=log_dir,
+  )
+  return env
+
+
+def _lifelong_run(data_dir: str, root, name: str, processes: int) -> dict:
+  model_dir, log_dir = str(root / name), str(root / f"{name}_writes")
+  args = [*LIFELONG_ARGS, f'--gin.MODEL_DIR="{model_dir}"']
+  env = _audited_env(data_dir, model_dir, log_dir)
+  start = time.perf_counter()
+  if processes == 1:
+    proc = subprocess.run(
+      [sys.executable, "-m", "lifelong_moe_jax.run_lifelong", *args],
+      cwd=REPO,
+      env=env,
+      capture_output=True,
+      text=True,
+      timeout=LIFELONG_TIMEOUT_S,
+    )
+  else:
+    proc = subprocess.run(
+      _launch_cmd("lifelong", args),
+      cwd=REPO,
+      env=env,
+      capture_output=True,
+      text=True,
+      timeout=LIFELONG_TIMEOUT_S,
+    )
+  log = _ok(proc)
+  writes = []
+  for name_ in sorted(os.listdir(log_dir)):
+    writes += summaries.read_jsonl(os.path.join(log_dir, name_))
+  return {"dir": model_dir, "log": log, "writes": writes, "wall": time.perf_counter() - start}
+
+
+@pytest.fixture(scope="module")
+def lifelong_runs(prepared_data_dir, tmp_path_factory):
+  root = tmp_path_factory.mktemp("lifelong")
+  return {n: _lifelong_run(prepared_data_dir, root, f"p{n}", n) for n in (1, 2)}
+
+
+def _numbers(value, path=""):
+  """``{path: number}`` of every numeric leaf outside wall-clock entries; other leaves as-is."""
+  if isinstance(value, dict):
+    out = {}
+    for k, v in value.items():
+      if k not in WALL_CLOCK_KEYS:
+        out.update(_numbers(v, f"{path}/{k}"))
+    return out
+  if isinstance(value, list):
+    out = {}
+    for i, v in enumerate(value):
+      out.update(_numbers(v, f"{path}/{i}"))
+    return out
+  return {path: value}
+
+
+def _max_diff(a: dict, b: dict) -> float:
+  """Largest ``|a - b| / max(1, |a|)`` over equal keys; non-numbers must be equal."""
+  assert sorted(a) == sorted(b)
+  worst = 0.0
+  for key, x in a.items():
+    y = b[key]
+    if isinstance(x, (int, float)) and not isinstance(x, bool):
+      worst = max(worst, abs(x - y) / max(1.0, abs(x)))
+    else:
+      assert x == y, (key, x, y)
+  return worst
+
+
+def test_lifelong_runner_in_two_processes_equals_one_process(lifelong_runs):
+  """report.json and every phase's train metrics of the 2 x 4 run equal the 1 x 8 run's (within
+  1e-5, relative for values above 1, e.g. perplexities); expansion, freezing and distillation ran."""
+  one, two = lifelong_runs[1], lifelong_runs[2]
+  reports = []
+  for run in (one, two):
+    with open(os.path.join(run["dir"], "report.json")) as f:
+      reports.append(json.load(f))
+  report_diff = _max_diff(_numbers(reports[0]), _numbers(reports[1]))
+  assert report_diff <= 1e-5, report_diff
+  moe = reports[1]["methods"]["lifelong_moe"]
+  assert [p["experts_per_layer"] for p in moe["phases"]] == [[2], [4], [6]]
+  assert [p["data_shards"] for p in moe["phases"]] == [2, 2, 2]
+  for i in (0, 1):  # freezing set up on both processes
+    assert f"[{i}] " in two["log"]
+    assert re.search(
+      rf"\[{i}\] .*phase code_py: experts \[0, 2\) and their router columns frozen", two["log"]
+    )
+  metrics_diff = 0.0
+  for method, phase in [("shared", "phase_0_wiki_en")] + [
+    (m, p) for m in ("lifelong_moe", "finetune") for p in ("phase_1_code_py", "phase_2_dialog_en")
+  ]:
+    a, b = (_records(os.path.join(r["dir"], method, phase)) for r in (one, two))
+    assert [r["step"] for r in a] == [r["step"] for r in b] and a
+    metrics_diff = max(metrics_diff, _max_diff(_numbers(a), _numbers(b)))
+    if method == "lifelong_moe":
+      assert all(r["reg/distillation/loss"] > 0 for r in b)
+  assert metrics_diff <= 1e-5, metrics_diff
+  with open(os.path.join("/tmp", "lifelong_moe_multiprocess_lifelong.json"), "w") as f:
+    json.dump(
+      {
+        "report_max_diff": report_diff,
+        "metrics_max_diff": metrics_diff,
+        "wall_s": {"1x8": one["wall"], "2x4": two["wall"]},
+      },
+      f,
+    )
+  print(f"report max diff {report_diff:.3g}, metrics max diff {metrics_diff:.3g}")
+
+
+def _normalised(path: str) -> str:
+  return RANDOM_TMP.sub(".*.tmp", path)
+
+
+def test_lifelong_runner_in_two_processes_writes_every_file_once(lifelong_runs):
+  """No file under MODEL_DIR is written by two processes; process 1 writes only its own
+  checkpoint shards; process 0 writes exactly what the 1-process run writes (same files, same
+  number of times); no temporary file is left."""
+  one, two = lifelong_runs[1], lifelong_runs[2]
+  writers: dict[str, set[int]] = {}
+  for w in two["writes"]:
+    writers.setdefault(w["path"], set()).add(w["process"])
+  shared = sorted(p for p, procs in writers.items() if len(procs) > 1)
+  assert not shared, shared[:20]
+  by_process_1 = sorted(p for p, procs in writers.items() if 1 in procs)
+  assert by_process_1 and all(PER_PROCESS.search(p) for p in by_process_1), by_process_1[:20]
+
+  def counts(writes, process):
+    return collections.Counter(
+      (w["event"], _normalised(w["path"]))
+      for w in writes
+      if w["process"] == process and not PER_PROCESS.search(w["path"])
+    )
+
+  expected, actual = counts(one["writes"], 0), counts(two["writes"], 0)
+  assert expected and actual == expected, (actual - expected, expected - actual)
+  for run in (one, two):
+    files = [
+      os.path.relpath(os.path.join(d, f), run["dir"])
+      for d, _, names in os.walk(run["dir"])
+      for f in names
+    ]
+    assert not [f for f in files if ".tmp" in f], files
+    events = collections.Counter(os.path.dirname(f) for f in files if "tfevents" in f)
+    assert events and set(events.values()) == {1}, events
+
+
+def test_processes_with_different_device_counts_stop_before_any_work(prepared_data_dir, tmp_path):
+  """``launch/local.py --devices_per_process=4,2``: one clear error naming the device counts, exit
+  code 2, nothing written."""
+  model_dir = tmp_path / "run"
+  proc = run_launched(
+    prepared_data_dir,
+    "lifelong",
+    [*LIFELONG_ARGS, f'--gin.MODEL_DIR="{model_dir}"'],
+    devices="4,2",
+  )
+  assert proc.returncode == 2, proc.stderr[-3000:]
+  errors = [line for line in proc.stderr.splitlines() if "error:" in line]
+  assert errors, proc.stderr[-3000:]
+  for line in errors:
+    assert re.match(
+      r"\[([01])\] error: The processes of this run disagree: process ([01]) differs from process "
+      r"\1 in local_devices \(process \2: ([24]), process \1: ([24])\)\.",
+      line,
+    ), line
+  assert "=====" not in proc.stderr and not model_dir.exists()

@@ -15,7 +15,10 @@ from jax.sharding import PartitionSpec as P
 from lifelong_moe_jax.lifelong import expansion
 from lifelong_moe_jax.lifelong import methods
 from lifelong_moe_jax.lifelong import new_expert_balance
+from lifelong_moe_jax.lifelong import opt_state_expansion
+from lifelong_moe_jax.lifelong import phase_expansion
 from lifelong_moe_jax.lifelong.distill import Distillation, router_distillation_loss
+from lifelong_moe_jax.lifelong.phase_record import PhaseRecord
 from lifelong_moe_jax.models import router_probe
 from lifelong_moe_jax.models.config import ModelConfig
 from lifelong_moe_jax.models.lm import LanguageModel, collect_moe_stats
@@ -227,7 +230,7 @@ def test_first_update_of_a_new_slice_matches_its_source_with_source_statistics(s
   grads = _source_grads(new_params, axes, sources)
   results = {}
   for mode in expansion.NEW_SLICE_STATES:
-    new_state = expansion.expand_opt_state(
+    new_state = opt_state_expansion.expand_opt_state(
       state, params, axes, N, tx=tx, new_slices=mode, source_experts=sources
     )
     ref = jax.eval_shape(tx.init, new_params)
@@ -263,11 +266,11 @@ def test_new_slice_statistics_are_copies_or_means_of_old_slices():
   params, axes = _tree(D=5, H=6)  # wi [E, 5, 6] stays factored over (embed, mlp) when E grows to 4
   state = _train(tx, params)
   sources = np.array([1, 0])
-  src = expansion.expand_opt_state(
+  src = opt_state_expansion.expand_opt_state(
     state, params, axes, N, tx=tx, new_slices="source", source_experts=sources
   )
-  mean = expansion.expand_opt_state(state, params, axes, N, tx=tx, new_slices="mean")
-  zeros = expansion.expand_opt_state(state, params, axes, N, tx=tx)
+  mean = opt_state_expansion.expand_opt_state(state, params, axes, N, tx=tx, new_slices="mean")
+  zeros = opt_state_expansion.expand_opt_state(state, params, axes, N, tx=tx)
   # wi [E, 5, 6] is factored over (embed, mlp): v_row [E, 5] and v_col [E, 6] keep the expert axis.
   fs_old = state[1][0]
   for name in ("v_row", "v_col"):
@@ -294,9 +297,9 @@ def test_new_slice_statistics_are_copies_or_means_of_old_slices():
     np.asarray(ema(src)["router"]["kernel"]), np.concatenate([old, old[:, sources]], 1)
   )
   with pytest.raises(expansion.ExpansionError, match="source_experts"):
-    expansion.expand_opt_state(state, params, axes, N, tx=tx, new_slices="source")
+    opt_state_expansion.expand_opt_state(state, params, axes, N, tx=tx, new_slices="source")
   with pytest.raises(expansion.ExpansionError, match="new_slices must be"):
-    expansion.expand_opt_state(state, params, axes, N, tx=tx, new_slices="copy")
+    opt_state_expansion.expand_opt_state(state, params, axes, N, tx=tx, new_slices="copy")
 
 
 # ------------------------------------------------------------------------------- warmup
@@ -346,12 +349,19 @@ def test_method_options_defaults_validation_and_record():
     d["phase_warmup_steps"],
     d["router_distill_weight"],
     d["balance_new_experts_only"],
-  ) == ("copy", 1.0, "zeros", 0, 0.0, False)
+  ) == ("copy_offset", 2.0, "source", 0, 0.0, False)  # the study's choice (docs/study.md)
   bad = [
     (dict(router_init="bias"), "router_init must be one of"),
-    (dict(router_init="copy_offset", expert_init="random"), "needs expert_init='copy'"),
+    (dict(expert_init="random"), "router_init='copy_offset' and new_slice_opt_state='source'"),
+    (
+      dict(router_init="copy_offset", expert_init="random", new_slice_opt_state="mean"),
+      r"no source experts to copy, which router_init='copy_offset' need",
+    ),
     (dict(new_slice_opt_state="copy"), "new_slice_opt_state must be one of"),
-    (dict(new_slice_opt_state="source", expert_init="random"), "needs expert_init='copy'"),
+    (
+      dict(new_slice_opt_state="source", expert_init="random", router_init="copy"),
+      "which new_slice_opt_state='source' need",
+    ),
     (dict(router_offset=-1.0), "router_offset must be >= 0"),
     (dict(phase_warmup_steps=-5), "phase_warmup_steps must be >= 0"),
     (dict(router_distill_weight=-0.1), "router_distill_weight must be >= 0"),
@@ -366,7 +376,7 @@ def test_method_options_defaults_validation_and_record():
   assert ok.to_dict()["router_init"] == "small_random"
   # Non-default surgery options are recorded in the phase's extra; defaults add nothing.
   params, axes = _tree()
-  record = expansion.PhaseRecord.start("a", mixture="m", steps=1, method="x", num_experts=E)
+  record = PhaseRecord.start("a", mixture="m", steps=1, method="x", num_experts=E)
   kw = dict(
     phase_name="b",
     mixture="m",
@@ -376,10 +386,10 @@ def test_method_options_defaults_validation_and_record():
     init="copy",
     rng=jax.random.PRNGKey(0),
   )
-  plain = expansion.expand_for_phase(params, axes, record, **kw).record.phases[-1].extra
+  plain = phase_expansion.expand_for_phase(params, axes, record, **kw).record.phases[-1].extra
   assert plain == {"noise_scale": 0.01}
   extra = (
-    expansion.expand_for_phase(
+    phase_expansion.expand_for_phase(
       params,
       axes,
       record,
@@ -555,6 +565,7 @@ def test_new_expert_balance_replaces_the_all_expert_balance_in_the_loss():
 def test_expand_checkpoint_measures_mu_with_the_source_model_and_records_the_options(tmp_path):
   """The phase-start path: ``expand_checkpoint`` evaluates ``router_input_mean(model, params)`` on
   the restored source and passes every option to the surgery."""
+  from lifelong_moe_jax import checkpoint_manager  # pylint: disable=import-outside-toplevel
   from lifelong_moe_jax import checkpoints  # pylint: disable=import-outside-toplevel
   from lifelong_moe_jax import partitioning  # pylint: disable=import-outside-toplevel
   from lifelong_moe_jax.lifelong import checkpoint_expansion  # pylint: disable=import-outside-toplevel
@@ -568,7 +579,7 @@ def test_expand_checkpoint_measures_mu_with_the_source_model_and_records_the_opt
     state, trainer.global_batch({k: np.tile(np.asarray(v), (4, 1)) for k, v in _batch().items()})
   )
   source = str(tmp_path / "a")
-  checkpoints.save_state(
+  checkpoint_manager.save_state(
     source, 1, state, {"model_config": dataclasses.asdict(CFG), "optimizer": "adafactor"}
   )
   seen = []

@@ -149,3 +149,65 @@ def test_no_routing_no_sections():
   import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
 
   assert analysis_report.routing_figure(report, plt) is None
+
+
+def test_claims_for_a_variant_and_the_method_summary_table():
+  """Claims checked for a variant (phase 0 without routing entries, as the runner writes it) and
+  the per-method sweep table, against values computed by hand from the synthetic phases."""
+  report = _report()
+  base = report["methods"]["lifelong_moe"]
+  base["phases"][0].pop("routing")
+  base["complete"] = True
+  spec = {"name": "lm_v", "expand": True, "option_overrides": {"distill_weight": 0.3}}
+  variant = json.loads(json.dumps(base))
+  variant["spec"] = spec
+  variant["phases"][1]["routing"] = _routing(0.6, 0.3)  # 40% of a drifts, new take only 30% of b
+  report["methods"] = {"lifelong_moe": base, "lm_v": variant}
+  checked = {c.name: c for c in claims.evaluate_claims(report, "lm_v")}
+  assert checked["routing"].passed is False
+  assert "30.0% of its tokens' top-1, 40.0% of older" in checked["routing"].measured
+  assert checked["retention"].passed is None  # no finetune in the report
+  assert {c.name: c for c in claims.evaluate_claims(report)}["routing"].passed is True
+  summary = claims.method_summary(report, "lm_v")
+  assert summary["retention"] == pytest.approx(12.0 / 10.0 - 1)
+  assert summary["final_nll"] == pytest.approx((100 * math.log(12.0) + 300 * math.log(20.0)) / 400)
+  assert summary["step0_max_old_change"] == pytest.approx(0.005)  # only a is older than b
+  assert (summary["new_share"], summary["max_drift"]) == (pytest.approx(0.3), pytest.approx(0.4))
+  assert summary["adaptation_gap"] is None and summary["option_overrides"] == {
+    "distill_weight": 0.3
+  }
+  table = claims.method_summary_table(report)
+  assert (
+    table[-1] == "| lm_v | distill_weight=0.3 | +20.0% | n/a | 2.8680 | +0.5% | 30.0% | 40.0% |"
+  )
+
+
+def test_write_atomic_removes_temporaries_of_killed_writers(tmp_path):
+  """A writer killed between mkstemp and rename leaves ``.<name>.<pid>.<x>.tmp``; the next write
+  of the same file removes it unless its writer is alive."""
+  import subprocess  # pylint: disable=import-outside-toplevel
+  import sys  # pylint: disable=import-outside-toplevel
+
+  from lifelong_moe_jax.lifelong import report_plots  # pylint: disable=import-outside-toplevel
+
+  dead = subprocess.run(
+    [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True
+  )
+  dead_pid = int(dead.stdout)
+  live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+  try:
+    names = {
+      "killed": f".fig.png.{dead_pid}.ab12.tmp",
+      "older_format": ".fig.png.xrgak601.tmp",
+      "live": f".fig.png.{live.pid}.cd34.tmp",
+      "other_file": f".other.png.{dead_pid}.ef56.tmp",
+    }
+    for name in names.values():
+      (tmp_path / name).write_bytes(b"partial")
+    report_plots.write_atomic(str(tmp_path / "fig.png"), lambda f: f.write(b"png"), binary=True)
+    left = sorted(os.listdir(tmp_path))
+  finally:
+    live.kill()
+    live.wait()
+  assert left == sorted(["fig.png", names["live"], names["other_file"]])
+  assert (tmp_path / "fig.png").read_bytes() == b"png"

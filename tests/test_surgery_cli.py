@@ -15,10 +15,11 @@ import jax
 import numpy as np
 import pytest
 
+from lifelong_moe_jax import checkpoint_manager
 from lifelong_moe_jax import checkpoints
 from lifelong_moe_jax import partitioning
 from lifelong_moe_jax import surgery as surgery_cli
-from lifelong_moe_jax.lifelong import expansion
+from lifelong_moe_jax.lifelong import phase_expansion
 from lifelong_moe_jax.lifelong.phase_record import PhaseRecord
 from lifelong_moe_jax.models import lm
 from lifelong_moe_jax.models.config import ModelConfig
@@ -59,7 +60,7 @@ def saved_checkpoint(tmp_path_factory):
     )
   wi = state.params["layers_1"]["moe"]["wi"]
   assert len(wi.sharding.device_set) == 8 and wi.addressable_shards[0].data.shape[0] == 1
-  checkpoints.save_state(
+  checkpoint_manager.save_state(
     model_dir, 2, state, {"model_config": dataclasses.asdict(CONFIG), "optimizer": "adafactor"}
   )
   return model_dir, jax.device_get(state)
@@ -108,7 +109,7 @@ def test_cli_expands_and_a_rerun_is_a_no_op(saved_checkpoint, tmp_path):
 
   after = _restore(step_dir, dataclasses.replace(CONFIG, num_experts=8))
   axes = lm.LanguageModel(CONFIG).params_logical_axes()
-  expansion.validate_expansion(before.params, after.params, axes, 4)  # old slices bit-equal
+  phase_expansion.validate_expansion(before.params, after.params, axes, 4)  # old slices bit-equal
   wi_nu = [
     leaf
     for path, leaf in jax.tree_util.tree_flatten_with_path(after.opt_state)[0]
@@ -127,7 +128,7 @@ def test_expanding_the_output_again_is_refused(saved_checkpoint, tmp_path):
   model_dir, _ = saved_checkpoint
   first = surgery_cli.run_surgery(model_dir, str(tmp_path / "once"), 4, init="random")
   assert first.status == "expanded" and first.num_experts_after == 8
-  with pytest.raises(expansion.AlreadyExpandedError, match="already expanded"):
+  with pytest.raises(phase_expansion.AlreadyExpandedError, match="already expanded"):
     surgery_cli.run_surgery(str(tmp_path / "once"), str(tmp_path / "twice"), 4)
   assert not os.path.exists(tmp_path / "twice")
   with pytest.raises(surgery_cli.SurgeryCliError, match="different checkpoint"):

@@ -13,6 +13,7 @@ import numpy as np
 import optax
 import pytest
 
+from lifelong_moe_jax import checkpoint_manager
 from lifelong_moe_jax import checkpoints
 from lifelong_moe_jax import param_tree
 from lifelong_moe_jax import partitioning as pt
@@ -212,7 +213,7 @@ def _nan_at_update(index):
 
 def test_nan_loss_stops_with_step_and_keeps_last_good_checkpoint(tmp_path):
   trainer = _trainer(optimizer_wrapper=_nan_at_update(6))  # params NaN after step 7
-  ckpt = checkpoints.Checkpointer(
+  ckpt = checkpoint_manager.Checkpointer(
     str(tmp_path),
     checkpoints.CheckpointConfig(save_interval_steps=5, max_to_keep=None, async_checkpointing=True),
   )
@@ -235,7 +236,7 @@ def test_nan_loss_stops_with_step_and_keeps_last_good_checkpoint(tmp_path):
   assert err.value.step == 8
   # The message says what is configured (create_optimizer's default clipping is on).
   assert "Gradient clipping is already on (create_optimizer.clip_grad_norm = 1)" in str(err.value)
-  assert checkpoints.Checkpointer(str(tmp_path)).all_steps() == [5]
+  assert checkpoint_manager.Checkpointer(str(tmp_path)).all_steps() == [5]
   restored = checkpoints.restore_tree(
     os.path.join(tmp_path, "checkpoints", "5"), trainer.abstract_state
   )

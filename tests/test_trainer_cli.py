@@ -23,6 +23,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from lifelong_moe_jax import checkpoint_manager
 from lifelong_moe_jax import checkpoints
 from lifelong_moe_jax import param_tree
 from lifelong_moe_jax import partitioning as pt
@@ -169,7 +170,7 @@ def test_cli_checkpoints_and_resumes_at_30(resumed):
   assert "Start state: resumed at step 30" in log_50
   assert "step 50/50" in log_50
   assert checkpoints.read_metadata(checkpoints.resolve_step_dir(model_dir, 30))["step"] == 30
-  assert checkpoints.Checkpointer(model_dir).latest_step() == 50
+  assert checkpoint_manager.Checkpointer(model_dir).latest_step() == 50
   # Records of the killed run beyond its last checkpoint were dropped: each step once, in order.
   assert _losses(model_dir)[1] == list(range(1, 51))
 
@@ -365,7 +366,7 @@ def test_mismatched_cli_checkpoint_names_params(straight):
     checkpoints.CheckpointMismatchError,
     match=r"params/layers_1/moe/router/kernel: checkpoint shape \(32, 8\)",
   ):
-    trainer.restore_or_initialize(checkpoints.Checkpointer(model_dir))
+    trainer.restore_or_initialize(checkpoint_manager.Checkpointer(model_dir))
 
 
 def test_bad_gin_fails_before_writing_anything(prepared_data_dir, tmp_path):

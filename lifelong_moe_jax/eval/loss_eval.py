@@ -69,6 +69,19 @@ def _any_process(flag: bool) -> bool:
   return bool(np.any(multihost_utils.process_allgather(np.asarray(flag, np.int32))))
 
 
+def _side_by_side(iterators: Sequence[Iterator], template: Mapping[str, np.ndarray]) -> Iterator:
+  """Batches of several shards' iterators concatenated row-wise (``template`` for an exhausted
+  shard), until every shard is exhausted."""
+  while True:
+    items = [next(it, None) for it in iterators]
+    if all(item is None for item in items):
+      return
+    yield {
+      k: np.concatenate([template[k] if item is None else item[k] for item in items])
+      for k in template
+    }
+
+
 def loss_metrics(totals: Mapping[str, Any]) -> dict[str, float]:
   """``loss`` (mean NLL per target token), ``perplexity`` and ``accuracy`` from summed
   ``nll_sum``, ``correct_sum`` and ``weight_sum``."""
@@ -98,6 +111,12 @@ class Evaluator:
     batch_cache: a dict shared between evaluators (e.g. one per lifelong phase) that keeps the
       host batches of every bounded pass (``max_batches`` set), so later evaluators skip building
       the input pipeline; the batches are deterministic, so results are unchanged.
+    data_shards: input shards a global batch is assembled from (default: the process count), as
+      in training (``training.run.resolve_data_shards``): shard ``s`` is the seqio
+      ``ShardInfo(s, data_shards)`` stream in batches of ``batch_size // data_shards`` rows, the
+      global batch is the shards' rows in shard order, and a shard that runs out first
+      contributes all-padding rows. Evaluators with equal ``data_shards`` see the same global
+      batches whatever the process count.
   """
 
   def __init__(
@@ -112,10 +131,21 @@ class Evaluator:
     data_dir: str | None = None,
     sums_fn: Callable[..., dict[str, jax.Array]] = losses.evaluation_sums,
     batch_cache: dict | None = None,
+    data_shards: int | None = None,
   ):
     if batch_size % jax.process_count():
       raise ValueError(
         f"Eval batch size {batch_size} is not divisible by the {jax.process_count()} processes."
+      )
+    self.data_shards = jax.process_count() if data_shards is None else int(data_shards)
+    if self.data_shards < 1 or self.data_shards % jax.process_count():
+      raise ValueError(
+        f"data_shards={self.data_shards} must be a positive multiple of the "
+        f"{jax.process_count()} processes."
+      )
+    if batch_size % self.data_shards:
+      raise ValueError(
+        f"Eval batch size {batch_size} is not divisible by data_shards={self.data_shards}."
       )
     partitioning.validate_batch_for_mesh(batch_size, partitioner.mesh)
     self.model = model
@@ -136,27 +166,46 @@ class Evaluator:
       )
 
   def _dataset(self, task: str, split: str) -> tuple[Iterator, dict]:
-    ds = pipeline.get_dataset(
-      task,
-      self.task_feature_lengths,
-      split,
-      self.batch_size // jax.process_count(),
-      shuffle=False,
-      seed=0,
-      repeat=False,
-      pack=True,
-      shard_index=jax.process_index(),
-      num_shards=jax.process_count(),
-      data_dir=self.data_dir,
-    )
-    template = {k: np.zeros(v.shape, v.dtype.as_numpy_dtype) for k, v in ds.element_spec.items()}
-    return ds.as_numpy_iterator(), template
+    """This process's rows of every global batch of one pass (its ``data_shards`` shards side by
+    side; an exhausted shard gives all-padding rows until every shard of the process is done)."""
+    per_process = self.data_shards // jax.process_count()
+    first = jax.process_index() * per_process
+    parts = [
+      pipeline.get_dataset(
+        task,
+        self.task_feature_lengths,
+        split,
+        self.batch_size // self.data_shards,
+        shuffle=False,
+        seed=0,
+        repeat=False,
+        pack=True,
+        shard_index=first + j,
+        num_shards=self.data_shards,
+        data_dir=self.data_dir,
+      )
+      for j in range(per_process)
+    ]
+    part_template = {
+      k: np.zeros(v.shape, v.dtype.as_numpy_dtype) for k, v in parts[0].element_spec.items()
+    }
+    if per_process == 1:
+      return parts[0].as_numpy_iterator(), part_template
+    template = {k: np.concatenate([v] * per_process) for k, v in part_template.items()}
+    return _side_by_side([p.as_numpy_iterator() for p in parts], part_template), template
 
   def _local_batches(self, task: str, split: str, limit: int | None) -> tuple[Iterator, dict]:
     """This process's batches of a pass (from ``batch_cache`` when the pass is bounded)."""
     if self.batch_cache is None or limit is None:
       return self._dataset(task, split)
-    key = (task, split, limit, self.batch_size, tuple(sorted(self.task_feature_lengths.items())))
+    key = (
+      task,
+      split,
+      limit,
+      self.batch_size,
+      self.data_shards,
+      tuple(sorted(self.task_feature_lengths.items())),
+    )
     if key not in self.batch_cache:
       it, template = self._dataset(task, split)
       self.batch_cache[key] = (list(itertools.islice(it, limit)), template)

@@ -49,7 +49,7 @@ def eval_sums(
 
 class PhaseEvaluator(loss_eval.Evaluator):
   """Per-task loss, perplexity and expert usage of params on one mesh: ``loss_eval.Evaluator``
-  (same arguments, including ``batch_cache``) with ``eval_sums`` per batch."""
+  (same arguments, including ``batch_cache`` and ``data_shards``) with ``eval_sums`` per batch."""
 
   def __init__(
     self,
@@ -62,6 +62,7 @@ class PhaseEvaluator(loss_eval.Evaluator):
     max_batches: int | None = None,
     data_dir: str | None = None,
     batch_cache: dict | None = None,
+    data_shards: int | None = None,
   ):
     super().__init__(
       model,
@@ -73,6 +74,7 @@ class PhaseEvaluator(loss_eval.Evaluator):
       data_dir=data_dir,
       sums_fn=eval_sums,
       batch_cache=batch_cache,
+      data_shards=data_shards,
     )
 
   def evaluate_task(self, params: PyTree, task: str) -> dict[str, Any]:

@@ -92,7 +92,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     os.environ.setdefault(name, "1")
   os.environ.setdefault("NO_GCE_CHECK", "true")
   argv = list(sys.argv[1:] if argv is None else argv)
-  from lifelong_moe_jax import gin_utils  # pylint: disable=import-outside-toplevel
+  from lifelong_moe_jax import cli_errors  # pylint: disable=import-outside-toplevel
 
   try:
     from lifelong_moe_jax.eval import harness  # pylint: disable=import-outside-toplevel
@@ -111,12 +111,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     cli = HarnessCLI()
     cli.execute(cli.parse_args())
   except HarnessUsageError as e:
-    gin_utils.exit_with_error(e, gin_utils.USAGE_EXIT_CODE)
+    cli_errors.exit_with_error(e, cli_errors.USAGE_EXIT_CODE)
   except Exception as e:  # pylint: disable=broad-except
-    code = gin_utils.exit_code_for(e)
+    code = cli_errors.exit_code_for(e)
     if code is None:
       raise
-    gin_utils.exit_with_error(e, code)
+    cli_errors.exit_with_error(e, code)
 
 
 if __name__ == "__main__":

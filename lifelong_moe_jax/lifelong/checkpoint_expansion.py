@@ -29,9 +29,11 @@ from typing import Any, Callable, Mapping
 from absl import logging
 import jax
 
+from lifelong_moe_jax import checkpoint_manager
 from lifelong_moe_jax import checkpoints
 from lifelong_moe_jax import partitioning
 from lifelong_moe_jax.lifelong import expansion
+from lifelong_moe_jax.lifelong import phase_expansion
 from lifelong_moe_jax.lifelong.phase_record import METADATA_KEY, PhaseRecord, record_from_metadata
 from lifelong_moe_jax.models import lm
 from lifelong_moe_jax.models.config import ModelConfig
@@ -130,12 +132,13 @@ def expand_checkpoint(
     router_input_mean: "copy_offset": ``[num_moe_layers, embed]`` mean router input on the new
       data, or ``fn(model, params) -> it`` evaluated on the restored source (only when experts
       are added with router_init="copy_offset").
-    new_slice_opt_state: optimizer statistics of new slices (``expansion.expand_opt_state``).
+    new_slice_opt_state: optimizer statistics of new slices
+      (``opt_state_expansion.expand_opt_state``).
     lifelong_info: more entries of ``metadata["lifelong"]`` (``phase_record`` is set here).
     prepare: ``fn(tmp_dir, source_params)`` run before the save, e.g. to store an EWC Fisher in
       the new folder.
   Raises:
-    expansion.ExpansionError (AlreadyExpandedError), CheckpointNotFoundError,
+    expansion.ExpansionError (phase_expansion.AlreadyExpandedError), CheckpointNotFoundError,
     CheckpointMismatchError, ValueError (a dense model asked to grow, or ``destination`` exists).
   """
   if os.path.exists(destination):
@@ -165,7 +168,7 @@ def expand_checkpoint(
       mean = router_input_mean
       if router_init == "copy_offset" and callable(mean):
         mean = mean(model, params)
-      result = expansion.expand_for_phase(
+      result = phase_expansion.expand_for_phase(
         params,
         trainer.params_axes,
         record,
@@ -196,7 +199,7 @@ def expand_checkpoint(
         time.perf_counter() - t0,
       )
     else:
-      expansion.check_not_already_expanded(record, phase_name, params, trainer.params_axes)
+      phase_expansion.check_not_already_expanded(record, phase_name, params, trainer.params_axes)
       record = record.append_phase(
         phase_name, mixture=mixture, steps=steps, method=method, add_experts=0
       )
@@ -209,7 +212,7 @@ def expand_checkpoint(
   if prepare is not None:
     prepare(tmp, state.params)
   info = dict(lifelong_info or {}, phase_record=record.to_dict() if record is not None else None)
-  new_metadata = checkpoints.state_metadata(
+  new_metadata = checkpoint_manager.state_metadata(
     model_config=new_config,
     vocabulary_fingerprint=metadata.get("vocabulary_fingerprint"),
     optimizer_name=optimizer.name,
@@ -217,7 +220,7 @@ def expand_checkpoint(
     extra={METADATA_KEY: info},
   )
   new_state = ts.TrainState(step=state.step, params=params, opt_state=opt_state, rng=state.rng)
-  checkpoints.save_state(tmp, step, new_state, new_metadata)
+  checkpoint_manager.save_state(tmp, step, new_state, new_metadata)
   sync_processes(f"expand-saved-{destination}")
   if jax.process_index() == 0:
     os.makedirs(os.path.dirname(destination) or ".", exist_ok=True)

@@ -8,10 +8,15 @@ needs, e.g. a method that was not run):
    its value right after the first phase, while finetune's is at least 20% worse.
 2. ``adaptation``: lifelong_moe's perplexity on the last distribution is within 5% of finetune's.
 3. ``best_without_old_data``: lifelong_moe has the best token-weighted mean final NLL among the
-   methods that use no old data (all but multitask and replay); its gap to multitask is stated.
+   methods that use no old data (all but multitask, multitask_final and replay; other variants of
+   lifelong_moe excluded); its gaps to multitask and multitask_final are stated.
 4. ``routing``: the experts added in a phase carry at least half of that phase's distribution's
    top-1 assignments, and at most 10% of the earlier distributions' top-1 assignments drift to
    them (phase results' ``routing`` entries, see ``eval/routing_analysis.py``).
+
+``evaluate_claims(report, method)`` checks them for a variant of lifelong_moe
+(``RunnerConfig.method_variants``); ``method_summary_table`` lists the claims' quantities for every
+method of the report (the sweep behind the defaults).
 
 A failing claim is a finding to report with its numbers, not something to tune away.
 """
@@ -22,7 +27,7 @@ import dataclasses
 import math
 from typing import Any, Mapping, Sequence
 
-USES_OLD_DATA = ("multitask", "replay")
+USES_OLD_DATA = ("multitask", "multitask_final", "replay")
 RETENTION_TOLERANCE = 0.05
 FINETUNE_FORGETTING = 0.20
 ADAPTATION_TOLERANCE = 0.05
@@ -73,21 +78,21 @@ def _complete(report: Mapping[str, Any], method: str) -> Mapping[str, Any] | Non
   return m if m and m.get("complete") else None
 
 
-def _retention(report: Mapping[str, Any]) -> Claim:
+def _retention(report: Mapping[str, Any], method: str) -> Claim:
   first_task = report["phase_tasks"][0][0]
   statement = (
-    f"lifelong_moe's {first_task} perplexity at the end is within "
+    f"{method}'s {first_task} perplexity at the end is within "
     f"{RETENTION_TOLERANCE:.0%} of its value after phase A; finetune's is at least "
     f"{FINETUNE_FORGETTING:.0%} worse"
   )
-  ours, ft = _complete(report, "lifelong_moe"), _complete(report, "finetune")
+  ours, ft = _complete(report, method), _complete(report, "finetune")
   if ours is None or ft is None:
-    return Claim("retention", statement, "lifelong_moe or finetune did not run", None)
+    return Claim("retention", statement, f"{method} or finetune did not run", None)
   ppl_ours, ppl_ft = ours["perplexity"][first_task], ft["perplexity"][first_task]
   ours_change = relative_change(ppl_ours[0], ppl_ours[-1])
   ft_change = relative_change(ppl_ft[0], ppl_ft[-1])
   measured = (
-    f"lifelong_moe {ppl_ours[0]:.1f} -> {ppl_ours[-1]:.1f} ({_pct(ours_change)}); "
+    f"{method} {ppl_ours[0]:.1f} -> {ppl_ours[-1]:.1f} ({_pct(ours_change)}); "
     f"finetune {ppl_ft[0]:.1f} -> {ppl_ft[-1]:.1f} ({_pct(ft_change)})"
   )
   return Claim(
@@ -98,21 +103,21 @@ def _retention(report: Mapping[str, Any]) -> Claim:
   )
 
 
-def _adaptation(report: Mapping[str, Any]) -> Claim:
+def _adaptation(report: Mapping[str, Any], method: str) -> Claim:
   last_task = report["phase_tasks"][-1][0]
   statement = (
-    f"lifelong_moe's {last_task} perplexity at the end is within "
+    f"{method}'s {last_task} perplexity at the end is within "
     f"{ADAPTATION_TOLERANCE:.0%} of finetune's"
   )
-  ours, ft = _complete(report, "lifelong_moe"), _complete(report, "finetune")
+  ours, ft = _complete(report, method), _complete(report, "finetune")
   if ours is None or ft is None:
-    return Claim("adaptation", statement, "lifelong_moe or finetune did not run", None)
+    return Claim("adaptation", statement, f"{method} or finetune did not run", None)
   a, b = ours["final_perplexity"][last_task], ft["final_perplexity"][last_task]
   gap = relative_change(b, a)
   return Claim(
     "adaptation",
     statement,
-    f"lifelong_moe {a:.1f} vs finetune {b:.1f} ({_pct(gap)})",
+    f"{method} {a:.1f} vs finetune {b:.1f} ({_pct(gap)})",
     gap <= ADAPTATION_TOLERANCE,
   )
 
@@ -128,41 +133,50 @@ def final_nll_by_method(report: Mapping[str, Any]) -> dict[str, float]:
   return out
 
 
-def _best_without_old_data(report: Mapping[str, Any]) -> Claim:
+def _best_without_old_data(report: Mapping[str, Any], method: str) -> Claim:
   statement = (
-    "lifelong_moe has the best token-weighted mean final NLL among the methods that use "
-    "no old data; its gap to multitask is stated"
+    f"{method} has the best token-weighted mean final NLL among the methods that use "
+    "no old data (variants of it excluded); its gap to multitask is stated"
   )
   nll = final_nll_by_method(report)
-  candidates = {k: v for k, v in nll.items() if k not in USES_OLD_DATA}
-  if "lifelong_moe" not in candidates or len(candidates) < 2:
+  candidates = {
+    k: v
+    for k, v in nll.items()
+    if k not in USES_OLD_DATA and (k == method or not _is_variant(report, k))
+  }
+  if method not in candidates or len(candidates) < 2:
     return Claim(
       "best_without_old_data",
       statement,
-      "needs lifelong_moe and at least one other method without old data",
+      f"needs {method} and at least one other method without old data",
       None,
     )
   ranking = sorted(candidates.items(), key=lambda kv: kv[1])
   measured = ", ".join(f"{k} {v:.4f}" for k, v in ranking)
-  if "multitask" in nll:
-    measured += (
-      f"; multitask {nll['multitask']:.4f} (gap {nll['lifelong_moe'] - nll['multitask']:+.4f})"
-    )
-  else:
+  for ref in ("multitask", "multitask_final"):
+    if ref in nll:
+      measured += f"; {ref} {nll[ref]:.4f} (gap {nll[method] - nll[ref]:+.4f})"
+  if not any(ref in nll for ref in ("multitask", "multitask_final")):
     measured += "; multitask not run"
-  return Claim("best_without_old_data", statement, measured, ranking[0][0] == "lifelong_moe")
+  return Claim("best_without_old_data", statement, measured, ranking[0][0] == method)
 
 
-def _routing(report: Mapping[str, Any]) -> Claim:
-  statement = (
-    f"new experts carry >= {NEW_EXPERT_SHARE:.0%} of their phase's distribution's top-1 "
-    f"assignments and <= {MAX_DRIFT:.0%} of earlier distributions' drift to them"
-  )
-  ours = _complete(report, "lifelong_moe")
-  if ours is None or not all(p.get("routing") for p in ours["phases"]):
-    return Claim("routing", statement, "no routing analysis in the report", None)
+def _is_variant(report: Mapping[str, Any], name: str) -> bool:
+  spec = report["methods"].get(name, {}).get("spec") or {}
+  return bool(spec.get("option_overrides"))
+
+
+def routing_shares(
+  report: Mapping[str, Any], method: str
+) -> list[tuple[str, float | None, float | None]] | None:
+  """``[(phase, new experts' top-1 share of its own distribution (min over its tasks), largest
+  top-1 share of an earlier distribution going to them)]`` for every phase after the first;
+  None when the method has no routing analysis."""
+  ours = _complete(report, method)
+  if ours is None or not all(p.get("routing") for p in ours["phases"][1:]):
+    return None
   names, phase_tasks = report["phase_names"], report["phase_tasks"]
-  parts, ok = [], True
+  out = []
   for i in range(1, len(names)):
     routing = ours["phases"][i]["routing"]
     own = [routing[t]["top1"].get(names[i], 0.0) for t in phase_tasks[i] if t in routing]
@@ -172,9 +186,22 @@ def _routing(report: Mapping[str, Any]) -> Claim:
       for t in phase_tasks[j]
       if t in routing
     ]
-    own_share, drift = (min(own) if own else None), (max(old) if old else None)
+    out.append((names[i], min(own) if own else None, max(old) if old else None))
+  return out
+
+
+def _routing(report: Mapping[str, Any], method: str) -> Claim:
+  statement = (
+    f"new experts carry >= {NEW_EXPERT_SHARE:.0%} of their phase's distribution's top-1 "
+    f"assignments and <= {MAX_DRIFT:.0%} of earlier distributions' drift to them"
+  )
+  shares = routing_shares(report, method)
+  if shares is None:
+    return Claim("routing", statement, f"no routing analysis of {method} in the report", None)
+  parts, ok = [], True
+  for name, own_share, drift in shares:
     parts.append(
-      f"after {names[i]}: new experts take {_pct(own_share).lstrip('+')} of its "
+      f"after {name}: new experts take {_pct(own_share).lstrip('+')} of its "
       f"tokens' top-1, {_pct(drift).lstrip('+')} of older distributions' (max)"
     )
     ok = (
@@ -186,9 +213,68 @@ def _routing(report: Mapping[str, Any]) -> Claim:
   return Claim("routing", statement, "; ".join(parts), ok)
 
 
-def evaluate_claims(report: Mapping[str, Any]) -> list[Claim]:
-  """Every claim, in the order of the module docstring."""
-  return [_retention(report), _adaptation(report), _best_without_old_data(report), _routing(report)]
+def evaluate_claims(report: Mapping[str, Any], method: str = "lifelong_moe") -> list[Claim]:
+  """Every claim for ``method`` (lifelong_moe or a variant of it), in the order of the module
+  docstring."""
+  return [
+    _retention(report, method),
+    _adaptation(report, method),
+    _best_without_old_data(report, method),
+    _routing(report, method),
+  ]
+
+
+def method_summary(report: Mapping[str, Any], method: str) -> dict[str, Any] | None:
+  """The claim quantities of one complete method: change of the first distribution's perplexity
+  from phase A to the end, gap to finetune on the last distribution, token-weighted mean final
+  NLL, the largest step-0 change on a distribution of an earlier phase, and the routing shares
+  after the last phase (None where not measured)."""
+  m = _complete(report, method)
+  if m is None:
+    return None
+  first, last = report["phase_tasks"][0][0], report["phase_tasks"][-1][0]
+  ft = _complete(report, "finetune")
+  ppl = m["perplexity"][first]
+  step0 = []
+  for i, entry in enumerate(m.get("step0") or []):
+    if entry:
+      old = [t for j in range(i) for t in report["phase_tasks"][j]]
+      step0 += [entry[t]["relative_change"] for t in old if t in entry]
+  expands = bool((m.get("spec") or {}).get("expand"))
+  shares = routing_shares(report, method) if expands else None
+  return {
+    "method": method,
+    "option_overrides": (m.get("spec") or {}).get("option_overrides") or {},
+    "retention": relative_change(ppl[0], ppl[-1]),
+    "adaptation_gap": (
+      relative_change(ft["final_perplexity"][last], m["final_perplexity"][last]) if ft else None
+    ),
+    "final_nll": final_nll_by_method(report).get(method),
+    "step0_max_old_change": max(step0) if step0 and expands else None,
+    "new_share": shares[-1][1] if shares else None,
+    "max_drift": max((d for _, _, d in shares if d is not None), default=None) if shares else None,
+  }
+
+
+def method_summary_table(report: Mapping[str, Any]) -> list[str]:
+  """A Markdown table of ``method_summary`` for every complete method of the report."""
+  lines = [
+    "| method | options | first dist. ppl change | last dist. vs finetune | final NLL | "
+    "step-0 change (old, max) | new experts' top-1 share (last phase) | drift to new (max) |",
+    "|---|---|---|---|---|---|---|---|",
+  ]
+  for name in report["methods"]:
+    s = method_summary(report, name)
+    if s is None:
+      continue
+    opts = ", ".join(f"{k}={v}" for k, v in sorted(s["option_overrides"].items())) or "run's"
+    nll = "n/a" if s["final_nll"] is None else f"{s['final_nll']:.4f}"
+    lines.append(
+      f"| {name} | {opts} | {_pct(s['retention'])} | {_pct(s['adaptation_gap'])} | {nll} | "
+      f"{_pct(s['step0_max_old_change'])} | {_pct(s['new_share']).lstrip('+')} | "
+      f"{_pct(s['max_drift']).lstrip('+')} |"
+    )
+  return lines
 
 
 def claims_table(claims: Sequence[Claim]) -> list[str]:

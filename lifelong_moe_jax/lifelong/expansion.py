@@ -19,10 +19,13 @@ Semantics (docs/lifelong.md has the full discussion):
 * ``router_init``: router columns "copy" (as ``init`` makes them), "copy_offset" (copy minus
   ``router_offset * mu / |mu|^2``: on tokens with mean router input ``mu`` the new logit is on
   average ``router_offset`` below the source's), "zero" or "small_random";
-* optimizer state: every state leaf that follows an expert param grows along its expert axis with
-  zeros (default), its source expert's slice or the mean of the old slices (old slices kept);
-  Adafactor's factored statistics are handled, including the case where the growth changes which
-  two dimensions Adafactor factors.
+* optimizer state (``opt_state_expansion.expand_opt_state``): every state leaf that follows an
+  expert param grows along its expert axis with zeros (default), its source expert's slice or the
+  mean of the old slices (old slices kept); Adafactor's factored statistics are handled, including
+  the case where the growth changes which two dimensions Adafactor factors.
+
+``phase_expansion`` holds the checked, phase-level entry point (``expand_for_phase``: validation and
+idempotency against the phase record).
 
 Sharded inputs: every computation runs under ``jax.jit`` with ``out_shardings`` equal to the input
 leaf's ``NamedSharding`` (same mesh and spec), so sharded ``jax.Array`` params stay sharded and
@@ -33,7 +36,6 @@ sharded over (E + N a multiple of the ``expert`` mesh axis); otherwise an Expans
 from __future__ import annotations
 
 import dataclasses
-import functools
 import zlib
 from typing import Any, Callable, Literal, Sequence
 
@@ -41,25 +43,18 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
-from lifelong_moe_jax import partitioning
-from lifelong_moe_jax import param_tree
 from lifelong_moe_jax.param_tree import (
   LeafInfo,
   ParamTreeError,
-  expert_axis,
-  expert_counts,
   flatten_with_axes,
   grown_shape,
   jit_with_shardings,
   moe_layer_rows,
   num_experts_of,
   out_sharding,
-  pad_experts,
   path_names,
 )
-from lifelong_moe_jax.lifelong.phase_record import PhaseRecord
 from lifelong_moe_jax.models.config import ModelConfig
 
 InitMode = Literal["copy", "random"]
@@ -67,7 +62,7 @@ SourceExperts = Literal["round_robin"] | np.ndarray | Sequence[float] | Sequence
 # New router columns (see ``expand_params``); "copy" follows ``init`` (today's behaviour).
 RouterInit = Literal["copy", "copy_offset", "zero", "small_random"]
 ROUTER_INITS = ("copy", "copy_offset", "zero", "small_random")
-# Optimizer statistics of new expert slices (see ``expand_opt_state``).
+# Optimizer statistics of new expert slices (see ``opt_state_expansion.expand_opt_state``).
 NewSliceState = Literal["zeros", "source", "mean"]
 NEW_SLICE_STATES = ("zeros", "source", "mean")
 
@@ -75,10 +70,6 @@ NEW_SLICE_STATES = ("zeros", "source", "mean")
 # Surgery cannot be done as asked (bad arguments, inconsistent shapes, unshardable result). The
 # param-tree helpers raise the same class.
 ExpansionError = ParamTreeError
-
-
-class AlreadyExpandedError(ExpansionError):
-  """The checkpoint was already expanded for this phase; expanding again would add experts twice."""
 
 
 def expanded_config(config: ModelConfig, add_experts: int) -> ModelConfig:
@@ -149,7 +140,7 @@ def _leaf_noise_key(rng: jax.Array, names: Sequence[str]) -> jax.Array:
 
 
 # ------------------------------------------------------------------------------- params
-def _take_sources(x: jax.Array, ea: int, la: int | None, sources: np.ndarray) -> jax.Array:
+def take_sources(x: jax.Array, ea: int, la: int | None, sources: np.ndarray) -> jax.Array:
   """Slices ``sources`` of ``x`` along ``ea``: ``[N]`` indices, or ``[blocks, N]`` per block of a
   scanned leaf (``la`` its layers axis)."""
   if sources.ndim == 1:
@@ -164,7 +155,7 @@ def _copy_new_slices(
 ) -> jax.Array:
   """New slices ``[.., N, ..]``: source slices plus ``noise_scale * std(source slice)`` noise."""
   ea, la = info.expert_axis, info.layers_axis
-  src = _take_sources(x, ea, la, sources)
+  src = take_sources(x, ea, la, sources)
   if noise_scale == 0:
     return src
   reduce = tuple(d for d in range(x.ndim) if d not in (ea, la))
@@ -413,521 +404,3 @@ def expanded_abstract_params(params: Any, params_axes: Any, add_experts: int) ->
       jax.ShapeDtypeStruct(shape, getattr(i.value, "dtype", None) or np.asarray(i.value).dtype)
     )
   return jax.tree_util.tree_unflatten(treedef, leaves)
-
-
-# ------------------------------------------------------------------------------- optimizer state
-def _top2_dims(shape: Sequence[int]) -> tuple[int, int]:
-  """``(d1, d0)``: Adafactor's second-largest and largest dims (optax's own ``np.argsort`` rule)."""
-  order = np.argsort(shape)
-  return int(order[-2]), int(order[-1])
-
-
-def _is_factored_state(x: Any) -> bool:
-  return isinstance(x, optax.FactoredState)
-
-
-@functools.lru_cache(maxsize=None)
-def _refactor_fn(
-  old_dims: tuple[int, int] | None,
-  new_dims: tuple[int, int] | None,
-  axis: int,
-  add: int,
-  mode: str = "zeros",
-  rows: Any = None,
-  layers_axis: int | None = None,
-) -> Callable:
-  """Jitted (v_row, v_col, v) -> new (v_row, v_col, v) through the full second-moment estimate.
-
-  Adafactor's estimate is ``V = v_row * v_col / mean(v_row over the remaining factored dim)``
-  (the quantity its update divides by); V is grown with new slices (zeros, its source slices
-  ``rows`` (a hashable tuple), or the mean of its old slices; see ``_grow_slices``) and re-factored
-  in the new layout, so the update of old slices is unchanged up to rounding.
-  """
-
-  def refactor(v_row, v_col, v):
-    if old_dims is None:
-      full = v.astype(jnp.float32)
-    else:
-      d1, d0 = old_dims
-      reduced_d1 = d1 - 1 if d1 > d0 else d1
-      mean = jnp.mean(v_row.astype(jnp.float32), axis=reduced_d1, keepdims=True)
-      row = jnp.where(mean > 0, v_row / jnp.where(mean > 0, mean, 1.0), 0.0)
-      full = jnp.expand_dims(row, d0) * jnp.expand_dims(v_col.astype(jnp.float32), d1)
-    if mode == "zeros":
-      full = jnp.pad(full, [(0, add if d == axis else 0) for d in range(full.ndim)])
-    else:
-      full = jnp.concatenate(
-        [
-          full,
-          _new_state_slices(
-            full, axis, layers_axis, add, mode, None if rows is None else np.asarray(rows)
-          ),
-        ],
-        axis=axis,
-      )
-    dtype = v.dtype
-    placeholder = jnp.zeros((1,), dtype)
-    if new_dims is None:
-      return placeholder, placeholder, full.astype(dtype)
-    d1, d0 = new_dims
-    return (
-      jnp.mean(full, axis=d0).astype(dtype),
-      jnp.mean(full, axis=d1).astype(dtype),
-      placeholder,
-    )
-
-  return jax.jit(refactor)
-
-
-def _new_state_slices(
-  x: jax.Array, axis: int, layers_axis: int | None, add: int, mode: str, rows: np.ndarray | None
-) -> jax.Array:
-  """The ``add`` new slices of a state leaf: its source slices ("source") or the mean of its old
-  slices ("mean"), along ``axis``."""
-  if mode == "mean":
-    mean = jnp.mean(x.astype(jnp.float32), axis=axis, keepdims=True).astype(x.dtype)
-    return jnp.repeat(mean, add, axis=axis)
-  return _take_sources(x, axis, layers_axis, rows)
-
-
-def _grow_slices(
-  value: Any,
-  axis: int,
-  layers_axis: int | None,
-  add: int,
-  mode: str,
-  rows: np.ndarray | None,
-  key: str,
-) -> jax.Array:
-  """``value`` grown by ``add`` slices along ``axis`` (``mode``: "zeros", "source" or "mean"),
-  sharded like ``value``."""
-  if mode == "zeros":
-    return pad_experts(value, axis, add, key)
-  if mode == "source" and rows is None:
-    raise ExpansionError(f"{key}: new_slices='source' needs the source expert of every new expert.")
-  sharding = out_sharding(value, grown_shape(np.shape(value), axis, add), key)
-
-  def grow(x):
-    return jnp.concatenate([x, _new_state_slices(x, axis, layers_axis, add, mode, rows)], axis=axis)
-
-  return jit_with_shardings(grow, sharding)(value)
-
-
-def _hashable(rows: np.ndarray | None) -> Any:
-  return None if rows is None else tuple(map(tuple, rows)) if rows.ndim == 2 else tuple(rows)
-
-
-def _match_param(names: tuple[str, ...], table: dict) -> tuple[str, ...] | None:
-  """The key of ``table`` (param names) that ``names`` (a state leaf's path) ends with."""
-  return next((names[s:] for s in range(len(names)) if names[s:] in table), None)
-
-
-def _minus(shape: Sequence[int], dim: int) -> tuple[int, ...]:
-  return tuple(s for d, s in enumerate(shape) if d != dim)
-
-
-def _axis_without(axis: int, deleted: int) -> int | None:
-  """Position of ``axis`` once dimension ``deleted`` is removed (None if it is the deleted one)."""
-  if axis == deleted:
-    return None
-  return axis - 1 if axis > deleted else axis
-
-
-def _expand_factored(
-  state: Any,
-  target: Any,
-  param_info: dict,
-  add: int,
-  mode: str = "zeros",
-  source_rows: dict | None = None,
-) -> Any:
-  """Expands one ``optax.FactoredState`` (Adafactor's second moments).
-
-  For each param: when the factored layout (which two dims are factored, or none) is the same
-  before and after the growth, ``v_row``/``v_col``/``v`` are grown with new slices (``mode``, see
-  ``expand_opt_state``) along the expert axis they keep (old statistics bit-exact); otherwise they
-  are re-factored via ``_refactor_fn``. ``count`` is unchanged. ``param_info`` maps param names to
-  ``(shape, expert axis, layers axis)``; ``source_rows`` param names to source experts.
-  """
-  flat_row, tdef = jax.tree_util.tree_flatten_with_path(state.v_row)
-  flat_col, flat_v = tdef.flatten_up_to(state.v_col), tdef.flatten_up_to(state.v)
-  t_v = None if target is None else tdef.flatten_up_to(target.v)
-  out_row, out_col, out_v = [], [], []
-  for k, (path, v_row) in enumerate(flat_row):
-    v_col, v = flat_col[k], flat_v[k]
-    names = path_names(path)
-    key = "/".join(names)
-    pkey = _match_param(names, param_info)
-    match = None if pkey is None else param_info[pkey]
-    if match is None or match[1] is None:  # not an expert param: unchanged.
-      out_row.append(v_row), out_col.append(v_col), out_v.append(v)
-      continue
-    shape, axis, layers = match
-    rows = (source_rows or {}).get(pkey)
-    new_shape = grown_shape(shape, axis, add)
-    old_dims = None if tuple(np.shape(v)) == shape else _top2_dims(shape)
-    if old_dims is not None and (
-      tuple(np.shape(v_row)) != _minus(shape, old_dims[1])
-      or tuple(np.shape(v_col)) != _minus(shape, old_dims[0])
-    ):
-      raise ExpansionError(
-        f"{key}: Adafactor statistics of shapes {np.shape(v_row)}, "
-        f"{np.shape(v_col)} do not factor a param of shape {shape}."
-      )
-    if t_v is not None:
-      new_dims = None if tuple(t_v[k].shape) == new_shape else _top2_dims(new_shape)
-    elif old_dims is not None and _top2_dims(new_shape) != old_dims:
-      raise ExpansionError(
-        f"Adafactor factors {key} over dims {old_dims} at shape {shape} but would factor dims "
-        f"{_top2_dims(new_shape)} at {new_shape}: pass tx= to expand_opt_state so the new layout "
-        "is known and the statistics are re-factored."
-      )
-    else:
-      new_dims = old_dims
-    if new_dims != old_dims:
-      if mode == "source" and rows is None:
-        raise ExpansionError(f"{key}: new_slices='source' needs the source experts.")
-      args = (old_dims, new_dims, axis, add) + (
-        (mode, _hashable(rows), layers) if mode != "zeros" else ()
-      )
-      row, col, full = _refactor_fn(*args)(v_row, v_col, v)
-    elif old_dims is None:
-      row, col, full = v_row, v_col, _grow_slices(v, axis, layers, add, mode, rows, key)
-    else:
-      d1, d0 = old_dims
-      row_axis, col_axis = _axis_without(axis, d0), _axis_without(axis, d1)
-      row_layers = None if layers is None else _axis_without(layers, d0)
-      col_layers = None if layers is None else _axis_without(layers, d1)
-      row = (
-        v_row
-        if row_axis is None
-        else _grow_slices(v_row, row_axis, row_layers, add, mode, rows, key + "/v_row")
-      )
-      col = (
-        v_col
-        if col_axis is None
-        else _grow_slices(v_col, col_axis, col_layers, add, mode, rows, key + "/v_col")
-      )
-      full = v
-    out_row.append(row), out_col.append(col), out_v.append(full)
-  unflat = functools.partial(jax.tree_util.tree_unflatten, tdef)
-  return state._replace(v_row=unflat(out_row), v_col=unflat(out_col), v=unflat(out_v))
-
-
-def expand_opt_state(
-  opt_state: Any,
-  params_before: Any,
-  params_axes_before: Any,
-  add_experts: int,
-  *,
-  tx: optax.GradientTransformation | None = None,
-  new_slices: NewSliceState = "zeros",
-  source_experts: Any = None,
-) -> Any:
-  """Grows the optimizer state to match ``expand_params`` (old slices kept; new slices zero, copied
-  from their source expert, or the mean of the old slices).
-
-  A state leaf follows a param when its key path ends with the param's path
-  (``partitioning.state_logical_axes``); its expert axis comes from the param's logical axes.
-  Adam's ``mu``/``nu``, momentum traces, gradient accumulators and non-factored Adafactor ``v``
-  grow like the param; Adafactor's factored ``v_row``/``v_col`` grow along the expert axis when
-  they keep it; counts, schedule state and ``(1,)`` placeholders are returned unchanged.
-
-  Args:
-    opt_state: optimizer state for ``params_before`` (e.g. after training the previous phase).
-    params_before: the params (or ``ShapeDtypeStruct``s) before expansion.
-    params_axes_before: their logical axes.
-    add_experts: N.
-    tx: the optimizer (recommended). When given, the result is checked against the structure and
-      shapes of ``tx.init(expanded params)``, and Adafactor statistics whose factored dimensions
-      change with the growth (e.g. a router kernel ``[768, 64] -> [768, 128]`` crossing
-      ``min_dim_size_to_factor``) are re-factored. Without it, such a change raises
-      ExpansionError when it is detectable from the shapes.
-    new_slices: statistics of the new slices: ``"zeros"`` (default), ``"source"`` (a copy of the
-      source expert's slice of every statistic: momentum, ``mu``/``nu``, Adafactor's ``v`` and its
-      factored ``v_row``/``v_col``) or ``"mean"`` (the mean of the old slices, per statistic and per
-      scanned block). When the growth changes Adafactor's factored layout, the full estimate is
-      grown that way and re-factored.
-    source_experts: "source": int ``[N]`` or ``[num_moe_layers, N]`` source expert of every new
-      expert (as ``expand_params`` chose them; ``source_indices``).
-  Returns:
-    The expanded optimizer state (new leaves sharded like the old ones).
-  """
-  if add_experts < 0:
-    raise ExpansionError(f"add_experts must be >= 0, got {add_experts}.")
-  if new_slices not in NEW_SLICE_STATES:
-    raise ExpansionError(f"new_slices must be one of {NEW_SLICE_STATES}, got {new_slices!r}.")
-  if new_slices == "source" and source_experts is None:
-    raise ExpansionError(
-      "new_slices='source' needs source_experts (the source expert of every new expert)."
-    )
-  if add_experts == 0:
-    return opt_state
-  _, infos = flatten_with_axes(params_before, params_axes_before)
-  param_info = {i.names: (tuple(np.shape(i.value)), i.expert_axis, i.layers_axis) for i in infos}
-  source_rows: dict = {}
-  if new_slices == "source":
-    sources = np.asarray(source_experts, np.int32)
-    if sources.shape[-1] != add_experts:
-      raise ExpansionError(
-        f"source_experts has {sources.shape[-1]} entries per layer, expected {add_experts}."
-      )
-    keyed = (
-      {i.key: sources for i in infos if i.expert_axis is not None}
-      if sources.ndim == 1
-      else moe_layer_rows(infos, sources, "source_experts")
-    )
-    source_rows = {i.names: keyed[i.key] for i in infos if i.key in keyed}
-  specs = partitioning.state_logical_axes(opt_state, params_before, params_axes_before)
-  target = None
-  if tx is not None:
-    target = jax.eval_shape(
-      tx.init, expanded_abstract_params(params_before, params_axes_before, add_experts)
-    )
-    want, got = jax.tree_util.tree_structure(target), jax.tree_util.tree_structure(opt_state)
-    if want != got:
-      raise ExpansionError(
-        f"opt_state does not have the structure of tx.init(params): {got} vs "
-        f"{want}. Pass the optimizer that made the state."
-      )
-
-  def expand(path, value, spec, *maybe_target):
-    if _is_factored_state(value):
-      return _expand_factored(
-        value,
-        maybe_target[0] if maybe_target else None,
-        param_info,
-        add_experts,
-        new_slices,
-        source_rows,
-      )
-    ea = expert_axis(spec)
-    if ea is None or np.ndim(value) == 0:
-      return value
-    if new_slices == "zeros":
-      return pad_experts(value, ea, add_experts, jax.tree_util.keystr(path))
-    pkey = _match_param(path_names(path), param_info)
-    return _grow_slices(
-      value,
-      ea,
-      param_tree.axis_of(spec, param_tree.LAYERS),
-      add_experts,
-      new_slices,
-      source_rows.get(pkey),
-      jax.tree_util.keystr(path),
-    )
-
-  trees = (opt_state, specs) + ((target,) if target is not None else ())
-  out = jax.tree_util.tree_map_with_path(expand, *trees, is_leaf=_is_factored_state)
-  if target is not None:
-    for (path, leaf), want_leaf in zip(
-      jax.tree_util.tree_flatten_with_path(out)[0], jax.tree_util.tree_leaves(target)
-    ):
-      if tuple(np.shape(leaf)) != tuple(want_leaf.shape):
-        raise ExpansionError(
-          f"Expanded optimizer state {jax.tree_util.keystr(path)} has shape "
-          f"{np.shape(leaf)}, tx.init gives {want_leaf.shape}."
-        )
-  return out
-
-
-# ------------------------------------------------------------------------------- validation
-def _bits(x: jax.Array) -> jax.Array:
-  """Array reinterpreted as unsigned ints of the same width (bit-exact comparison, NaN-safe)."""
-  if jnp.issubdtype(x.dtype, jnp.floating):
-    return jax.lax.bitcast_convert_type(x, jnp.dtype(f"uint{x.dtype.itemsize * 8}"))
-  return x
-
-
-@functools.partial(jax.jit, static_argnums=(2, 3))
-def _prefix_bit_equal(new: jax.Array, old: jax.Array, axis: int, size: int) -> jax.Array:
-  """Whether ``new[..., :size, ...]`` (along ``axis``) has exactly the bits of ``old``."""
-  return jnp.array_equal(_bits(jax.lax.slice_in_dim(new, 0, size, axis=axis)), _bits(old))
-
-
-@jax.jit
-def _bit_equal(a: jax.Array, b: jax.Array) -> jax.Array:
-  return jnp.array_equal(_bits(a), _bits(b))
-
-
-def validate_expansion(
-  old_params: Any, new_params: Any, params_axes: Any, add_experts: int
-) -> None:
-  """Checks an expansion: shapes, and old slices (and non-expert params) bit-identical.
-
-  Comparisons run on device under jit (one boolean per leaf comes back), so sharded params are not
-  gathered onto the host.
-
-  Raises:
-    ExpansionError naming the first offending param.
-  """
-  old_def, old_infos = flatten_with_axes(old_params, params_axes)
-  new_def = jax.tree_util.tree_structure(new_params)
-  if old_def != new_def:
-    raise ExpansionError(
-      f"Expanded params have a different tree structure: {new_def} vs {old_def}."
-    )
-  num_experts = num_experts_of(old_params, params_axes)
-  for info, new in zip(old_infos, jax.tree_util.tree_leaves(new_params)):
-    old_shape, new_shape = tuple(np.shape(info.value)), tuple(np.shape(new))
-    if info.expert_axis is None:
-      if new_shape != old_shape:
-        raise ExpansionError(
-          f"{info.key}: a non-expert param changed shape {old_shape} -> {new_shape}."
-        )
-      if new is not info.value and not bool(_bit_equal(new, info.value)):
-        raise ExpansionError(f"{info.key}: a non-expert param changed value during surgery.")
-      continue
-    want = grown_shape(old_shape, info.expert_axis, add_experts)
-    if new_shape != want:
-      raise ExpansionError(
-        f"{info.key}: expected shape {want} (E={num_experts} + {add_experts} "
-        f"along axis {info.expert_axis}), got {new_shape}."
-      )
-    if not bool(_prefix_bit_equal(new, info.value, info.expert_axis, num_experts)):
-      raise ExpansionError(
-        f"{info.key}: the old expert slices [0, {num_experts}) are not bit-identical to the input."
-      )
-
-
-# ------------------------------------------------------------------------------- idempotency
-def expansion_needed(record: PhaseRecord, phase_name: str, params: Any, params_axes: Any) -> bool:
-  """Whether phase ``phase_name`` still has to expand these params.
-
-  Returns False when the record already holds ``phase_name`` and the params have its expert count
-  (the expansion happened and was saved: resume from it); True when the phase is not yet recorded
-  and the params match the record's latest phase.
-
-  Raises:
-    ExpansionError when params and record disagree (e.g. params expanded but the record not saved).
-  """
-  count = num_experts_of(params, params_axes)
-  if phase_name in record:
-    phase = record.phase(phase_name)
-    if record.phases[-1].name != phase_name:
-      raise ExpansionError(
-        f"Phase {phase_name!r} is recorded but is not the latest phase "
-        f"({record.phases[-1].name!r}); the checkpoint is from a later phase."
-      )
-    if count != phase.num_experts:
-      raise ExpansionError(
-        f"The record says phase {phase_name!r} has {phase.num_experts} experts "
-        f"but the params have {count}."
-      )
-    return False
-  if count != record.num_experts:
-    raise ExpansionError(
-      f"The params have {count} experts but the phase record says "
-      f"{record.num_experts} after phase {record.phases[-1].name!r}: the "
-      "checkpoint and its phase record disagree (was surgery interrupted before "
-      "both were saved?)."
-    )
-  return True
-
-
-def check_not_already_expanded(
-  record: PhaseRecord, phase_name: str, params: Any, params_axes: Any
-) -> None:
-  """Raises AlreadyExpandedError if ``record`` says the params were expanded for ``phase_name``."""
-  if not expansion_needed(record, phase_name, params, params_axes):
-    phase = record.phase(phase_name)
-    raise AlreadyExpandedError(
-      f"This checkpoint was already expanded for phase {phase_name!r} ({phase.added_experts} "
-      f"experts added, now {phase.num_experts}); expanding again would add experts twice. Resume "
-      "from it instead."
-    )
-
-
-@dataclasses.dataclass(frozen=True)
-class ExpansionResult:
-  """Output of ``expand_for_phase``."""
-
-  params: Any
-  opt_state: Any
-  record: PhaseRecord
-
-
-def expand_for_phase(
-  params: Any,
-  params_axes: Any,
-  record: PhaseRecord,
-  *,
-  phase_name: str,
-  mixture: str,
-  steps: int,
-  method: str,
-  add_experts: int,
-  init: InitMode,
-  rng: jax.Array,
-  noise_scale: float = 0.01,
-  source_experts: SourceExperts = "round_robin",
-  model_for_random_init: Any = None,
-  opt_state: Any = None,
-  tx: optax.GradientTransformation | None = None,
-  router_init: RouterInit = "copy",
-  router_offset: float = 1.0,
-  router_input_mean: Any = None,
-  new_slice_opt_state: NewSliceState = "zeros",
-) -> ExpansionResult:
-  """Checked surgery for the start of a phase: params, optimizer state and the phase record.
-
-  Refuses (AlreadyExpandedError) when the record already holds ``phase_name``; validates the
-  record against the params before and the result after. ``router_*`` go to ``expand_params``,
-  ``new_slice_opt_state`` to ``expand_opt_state`` (with the source experts ``expand_params``
-  copied); non-default values are written to the phase's ``extra``.
-  """
-  check_not_already_expanded(record, phase_name, params, params_axes)
-  new_params = expand_params(
-    params,
-    params_axes,
-    add_experts,
-    init=init,
-    rng=rng,
-    noise_scale=noise_scale,
-    source_experts=source_experts,
-    model_for_random_init=model_for_random_init,
-    router_init=router_init,
-    router_offset=router_offset,
-    router_input_mean=router_input_mean,
-  )
-  validate_expansion(params, new_params, params_axes, add_experts)
-  sources = (
-    source_indices(source_experts, record.num_experts, add_experts)
-    if new_slice_opt_state == "source" and add_experts
-    else None
-  )
-  new_opt = (
-    None
-    if opt_state is None
-    else expand_opt_state(
-      opt_state,
-      params,
-      params_axes,
-      add_experts,
-      tx=tx,
-      new_slices=new_slice_opt_state,
-      source_experts=sources,
-    )
-  )
-  extra = {"noise_scale": noise_scale} if init == "copy" and add_experts else {}
-  if init == "copy" and add_experts and not isinstance(source_experts, str):
-    extra["source_experts"] = np.asarray(
-      _source_indices(source_experts, record.num_experts, add_experts)
-    ).tolist()
-  if add_experts and router_init != "copy":
-    extra["router_init"] = router_init
-    if router_init == "copy_offset":
-      extra["router_offset"] = float(router_offset)
-  if add_experts and new_slice_opt_state != "zeros":
-    extra["new_slice_opt_state"] = new_slice_opt_state
-  new_record = record.append_phase(
-    phase_name,
-    mixture=mixture,
-    steps=steps,
-    method=method,
-    add_experts=add_experts,
-    init=init if add_experts else None,
-    extra=extra,
-  )
-  new_record.validate_expert_counts(expert_counts(new_params, params_axes))
-  return ExpansionResult(new_params, new_opt, new_record)

@@ -21,9 +21,10 @@ name               expand  freeze  distill  penalty  data / model
 ``dense_finetune`` -       -       -        -        a dense model (FLOP-matched) fine-tuned
 =================  ======  ======  =======  =======  ==================================================
 
-* expand: the phase's ``add_experts`` are added to every MoE layer (``expansion.expand_for_phase``);
-  methods that do not expand keep the first phase's expert count, except ``final_experts`` ones
-  (``multitask_final``), whose model has the schedule's final expert count throughout.
+* expand: the phase's ``add_experts`` are added to every MoE layer
+  (``phase_expansion.expand_for_phase``); methods that do not expand keep the first phase's expert
+  count, except ``final_experts`` ones (``multitask_final``), whose model has the schedule's final
+  expert count throughout.
 * freeze: the expert slices and router columns of earlier phases get exactly zero updates
   (``freeze.with_frozen``); ``MethodOptions.freeze_shared`` also freezes every non-expert param.
 * distill: ``T^2 KL(teacher || student)`` to the previous phase's final model (``distill``).
@@ -34,31 +35,28 @@ Each method is a ``Method`` object that builds, for phase ``i`` of a schedule, i
 (``expert_init`` and ``prepare_phase_start``, e.g. the EWC Fisher), the loss terms
 (``regularizers``) and the optimizer wrapper (``optimizer_wrapper``, freezing). The runner only
 sequences phases. Custom recipes subclass ``Method`` (or set its flags) and ``register_method`` them.
-Hyperparameters live in ``MethodOptions`` (gin), their one home.
+Hyperparameters live in ``MethodOptions`` (gin; ``method_options``), their one home; the replay
+and joint mixtures are built by ``method_mixtures``, the EWC Fisher by ``ewc_fisher``.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import os
-import time
+import re
 from typing import Any, Callable, Mapping, Sequence
 
 from absl import logging
 import flax.linen as nn
-import gin
-import jax
-import jax.numpy as jnp
-import seqio
 
 from lifelong_moe_jax import partitioning
-from lifelong_moe_jax.data import pipeline
 from lifelong_moe_jax.lifelong import distill
+from lifelong_moe_jax.lifelong import ewc_fisher
 from lifelong_moe_jax.lifelong import expansion
 from lifelong_moe_jax.lifelong import freeze
+from lifelong_moe_jax.lifelong import method_mixtures
 from lifelong_moe_jax.lifelong import new_expert_balance
 from lifelong_moe_jax.lifelong import penalties
+from lifelong_moe_jax.lifelong.method_options import MethodError, MethodOptions
 from lifelong_moe_jax.lifelong.phase_record import PhaseRecord
 from lifelong_moe_jax.lifelong.schedule import LifelongSchedule
 from lifelong_moe_jax.models import lm
@@ -66,11 +64,6 @@ from lifelong_moe_jax.models.config import ModelConfig
 
 PyTree = Any
 PENALTIES = (None, "l2", "ewc")
-FISHER_DIR = "ewc_fisher"
-
-
-class MethodError(ValueError):
-  """Unknown or inconsistent lifelong method."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,6 +82,8 @@ class PhaseSetup:
     previous_params: ``() -> params`` of the previous phase's final checkpoint (sharded; restored
       once per phase and cached by the runner).
     record: the phase record at the phase start (None for dense models).
+    data_shards: input shards of a global batch (None: the process count; see
+      ``training.run.resolve_data_shards``).
   """
 
   schedule: LifelongSchedule
@@ -101,6 +96,7 @@ class PhaseSetup:
   previous_phase_dir: str
   previous_params: Callable[[], PyTree]
   record: PhaseRecord | None
+  data_shards: int | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,6 +118,8 @@ class Method:
     dense: train a dense model (``num_experts = 0``) instead of the MoE model.
     final_experts: the model has the schedule's final expert count (E0 plus every phase's
       ``add_experts``) from phase 0 on, without expanding (a fair-size joint-training reference).
+    option_overrides: ``((field, value), ...)`` of ``MethodOptions`` this method uses instead of
+      the run's (``method_variant``, e.g. ``lifelong_moe`` at another distillation weight).
   """
 
   name: str
@@ -134,8 +132,15 @@ class Method:
   joint: bool = False
   dense: bool = False
   final_experts: bool = False
+  option_overrides: tuple[tuple[str, Any], ...] = ()
 
   def __post_init__(self):
+    known = {f.name for f in dataclasses.fields(MethodOptions)} if self.option_overrides else ()
+    unknown = sorted(k for k, _ in self.option_overrides if k not in known)
+    if unknown:
+      raise MethodError(
+        f"Method {self.name!r}: unknown MethodOptions field(s) {unknown}; known: {sorted(known)}."
+      )
     if self.penalty not in PENALTIES:
       raise MethodError(
         f"Method {self.name!r}: penalty must be one of {PENALTIES}, got {self.penalty!r}."
@@ -170,7 +175,15 @@ class Method:
     return not (self.joint or self.dense)
 
   def to_dict(self) -> dict[str, Any]:
-    return dataclasses.asdict(self)
+    out = dataclasses.asdict(self)
+    out["option_overrides"] = dict(self.option_overrides)
+    return out
+
+  def options(self, run_options: "MethodOptions") -> "MethodOptions":
+    """The run's options with this method's ``option_overrides`` applied (validated)."""
+    if not self.option_overrides:
+      return run_options
+    return dataclasses.replace(run_options, **dict(self.option_overrides))
 
   # ----------------------------------------------------------------------------- per phase
   def validate(self, schedule: LifelongSchedule, base_config: ModelConfig) -> None:
@@ -209,9 +222,9 @@ class Method:
     """The seqio task/mixture trained in phase ``index`` (registers it if needed)."""
     phases = schedule.phases
     if self.joint:
-      return register_joint_mixture([p.mixture for p in phases])
+      return method_mixtures.register_joint_mixture([p.mixture for p in phases])
     if self.replay and index > 0:
-      return register_replay_mixture(
+      return method_mixtures.register_replay_mixture(
         phases[index].mixture, [p.mixture for p in phases[:index]], options.replay_fraction
       )
     return phases[index].mixture
@@ -220,7 +233,7 @@ class Method:
     """Work saved with the phase's step-0 checkpoint in ``start_dir`` (the temporary phase folder,
     renamed to ``setup.phase_dir`` once complete): the EWC Fisher of the previous phase."""
     if self.penalty == "ewc":
-      _save_accumulated_fisher(self, setup, start_dir)
+      ewc_fisher.save_accumulated_fisher(self, setup, start_dir)
 
   def regularizers(self, setup: PhaseSetup) -> list[Any]:
     """Loss terms of phase ``setup.index``: distillation from / penalties towards the previous
@@ -238,9 +251,14 @@ class Method:
     prev_model = lm.LanguageModel(prev_config)
     prev_params = setup.previous_params()
     if self.distill:
+      teacher = prev_model
+      if options.teacher_capacity == "train" and prev_config.is_moe:
+        teacher = lm.LanguageModel(
+          dataclasses.replace(prev_config, eval_capacity_factor=prev_config.train_capacity_factor)
+        )
       regs.append(
         distill.Distillation(
-          prev_model,
+          teacher,
           prev_params,
           temperature=options.distill_temperature,
           weight=options.distill_weight,
@@ -253,9 +271,7 @@ class Method:
       )
       regs.append(penalties.L2Penalty(options.l2_weight, anchor))
     elif self.penalty == "ewc":
-      fisher = penalties.load_fisher(
-        os.path.join(setup.phase_dir, FISHER_DIR), _float32_like(prev_params)
-      )
+      fisher = ewc_fisher.load_phase_fisher(setup.phase_dir, prev_params)
       regs.append(
         penalties.EWCPenalty(options.ewc_weight, penalties.ewc_anchor(prev_params, fisher))
       )
@@ -330,6 +346,45 @@ for _m in (
   register_method(_m)
 
 
+VARIANT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+def method_variant(name: str, spec: Mapping[str, Any]) -> Method:
+  """Registers and returns a variant of a registered method with its own ``MethodOptions`` values.
+
+  Args:
+    name: the variant's name (method list, folder and report name; letters, digits, ``_.-``).
+    spec: ``{"base": "lifelong_moe", "description": "...", <MethodOptions field>: value, ...}``,
+      e.g. ``{"base": "lifelong_moe", "distill_weight": 0.3}``.
+  Raises:
+    MethodError: bad name, unknown base, name of a built-in method, unknown or invalid option.
+  """
+  spec = dict(spec)
+  if not isinstance(name, str) or not VARIANT_NAME.match(name):
+    raise MethodError(
+      f"Method variant name {name!r}: use letters, digits, '_', '.' or '-' (it names a folder)."
+    )
+  base_name = spec.pop("base", None)
+  if base_name is None:
+    raise MethodError(f"Method variant {name!r} needs a 'base' method, e.g. 'lifelong_moe'.")
+  base = get_method(base_name)
+  existing = METHODS.get(name)
+  if existing is not None and not existing.option_overrides:
+    raise MethodError(f"Method variant {name!r} would replace the built-in method {name!r}.")
+  description = spec.pop("description", None)
+  overrides = dict(base.option_overrides)
+  overrides.update(spec)
+  variant = dataclasses.replace(
+    base,
+    name=name,
+    description=description
+    or f"{base.name} with " + ", ".join(f"{k}={v!r}" for k, v in sorted(spec.items())),
+    option_overrides=tuple(sorted(overrides.items())),
+  )
+  variant.options(MethodOptions())  # field values validated now, before any work
+  return register_method(variant)
+
+
 def get_method(name: str) -> Method:
   """The registered method ``name``; raises MethodError listing the known ones."""
   if name not in METHODS:
@@ -340,121 +395,6 @@ def get_method(name: str) -> Method:
 def describe(methods: Sequence[str]) -> Mapping[str, Mapping[str, Any]]:
   """``{name: Method.to_dict()}`` for the report."""
   return {name: get_method(name).to_dict() for name in methods}
-
-
-@gin.configurable
-@dataclasses.dataclass(frozen=True)
-class MethodOptions:
-  """Hyperparameters shared by the methods (gin: ``MethodOptions.distill_weight = 0.5``).
-
-  Attributes:
-    expert_init: "copy" (from existing experts + noise) or "random" (layer initializer).
-    noise_scale: copy init: noise std relative to the std of the copied slice.
-    source_experts: copy init: "round_robin", or "usage" (new expert i copies the (i % E)-th most
-      used expert of its layer, measured on the new phase's train data with the previous model).
-    usage_batches: batches for the "usage" measurement.
-    freeze_shared: methods that freeze also freeze every non-expert param.
-    distill_weight / distill_temperature: lambda and T of the distillation term.
-    l2_weight: weight of the L2 penalty ``(w/2) sum (theta - theta*)^2``.
-    ewc_weight: weight of the EWC penalty ``(w/2) sum F (theta - theta*)^2``.
-    fisher_batches: batches of the previous phase's train data for the Fisher estimate.
-    replay_fraction: share of each replay phase's data drawn from earlier phases.
-    dense_mlp_dim: MLP width of the dense model (default: FLOP-matched to the MoE model's
-      activated feed-forward width, see ``dense_config``).
-    router_init: router columns of new experts (``expansion.expand_params``): "copy" (as
-      ``expert_init`` makes them: source column + noise, or the router initializer), "copy_offset"
-      (copy init only: source column + noise ``- router_offset * mu / |mu|^2``, mu = mean router
-      input of the new phase's train data under the previous model, so that on the new data the
-      copy's logit is on average ``router_offset`` below its source's), "zero" or "small_random"
-      (``N(0, (noise_scale * std(old kernel))^2)``).
-    router_offset: copy_offset: the mean logit gap (>= 0); mu is measured on ``usage_batches``
-      batches of the phase's own data (never earlier phases' data).
-    new_slice_opt_state: optimizer statistics of new expert slices (``expand_opt_state``):
-      "zeros", "source" (copy of the source expert's statistics; copy init only) or "mean" (mean
-      of the old slices).
-    phase_warmup_steps: re-warm the learning rate linearly from 0 over this many steps at the
-      start of every phase after the first (multiplies the base schedule); 0 disables.
-    router_distill_weight: methods that distill: weight of the router-level distillation term,
-      ``KL(teacher routing || student routing over the old experts)`` per MoE layer on the
-      current batch (``distill.router_distillation_loss``); 0 disables.
-    balance_new_experts_only: methods that expand: the load-balancing loss balances the new
-      data over the new experts only (the all-expert term is replaced by one over the phase's new
-      experts, ``distill.NewExpertBalance``), so the router is not paid to move traffic from old
-      experts to new ones.
-  """
-
-  expert_init: str = "copy"
-  noise_scale: float = 0.01
-  source_experts: str = "round_robin"
-  usage_batches: int = 4
-  freeze_shared: bool = False
-  distill_weight: float = 1.0
-  distill_temperature: float = 1.0
-  l2_weight: float = 0.01
-  ewc_weight: float = 100.0
-  fisher_batches: int = 8
-  replay_fraction: float = 0.25
-  dense_mlp_dim: int | None = None
-  router_init: str = "copy"
-  router_offset: float = 1.0
-  new_slice_opt_state: str = "zeros"
-  phase_warmup_steps: int = 0
-  router_distill_weight: float = 0.0
-  balance_new_experts_only: bool = False
-
-  def __post_init__(self):
-    if self.expert_init not in ("copy", "random"):
-      raise MethodError(
-        f"MethodOptions.expert_init must be 'copy' or 'random', got {self.expert_init!r}."
-      )
-    if self.source_experts not in ("round_robin", "usage"):
-      raise MethodError(
-        f"MethodOptions.source_experts must be 'round_robin' or 'usage', got "
-        f"{self.source_experts!r}."
-      )
-    if not 0.0 < self.replay_fraction < 1.0:
-      raise MethodError(
-        f"MethodOptions.replay_fraction must be in (0, 1), got {self.replay_fraction}."
-      )
-    for name in ("noise_scale", "distill_weight", "l2_weight", "ewc_weight"):
-      if getattr(self, name) < 0:
-        raise MethodError(f"MethodOptions.{name} must be >= 0, got {getattr(self, name)}.")
-    if self.distill_temperature <= 0:
-      raise MethodError("MethodOptions.distill_temperature must be positive.")
-    for name in ("usage_batches", "fisher_batches"):
-      if getattr(self, name) <= 0:
-        raise MethodError(f"MethodOptions.{name} must be positive.")
-    if self.router_init not in expansion.ROUTER_INITS:
-      raise MethodError(
-        f"MethodOptions.router_init must be one of {expansion.ROUTER_INITS}, got "
-        f"{self.router_init!r}."
-      )
-    if self.router_init == "copy_offset" and self.expert_init != "copy":
-      raise MethodError(
-        "MethodOptions.router_init='copy_offset' offsets copied router columns: "
-        "it needs expert_init='copy'."
-      )
-    if self.new_slice_opt_state not in expansion.NEW_SLICE_STATES:
-      raise MethodError(
-        f"MethodOptions.new_slice_opt_state must be one of "
-        f"{expansion.NEW_SLICE_STATES}, got {self.new_slice_opt_state!r}."
-      )
-    if self.new_slice_opt_state == "source" and self.expert_init != "copy":
-      raise MethodError(
-        "MethodOptions.new_slice_opt_state='source' copies the source expert's "
-        "statistics: it needs expert_init='copy' (use 'mean' with random init)."
-      )
-    for name in ("router_offset", "router_distill_weight", "phase_warmup_steps"):
-      if getattr(self, name) < 0:
-        raise MethodError(f"MethodOptions.{name} must be >= 0, got {getattr(self, name)}.")
-    if not isinstance(self.balance_new_experts_only, bool):
-      raise MethodError(
-        f"MethodOptions.balance_new_experts_only must be True or False, got "
-        f"{self.balance_new_experts_only!r}."
-      )
-
-  def to_dict(self) -> dict[str, Any]:
-    return dataclasses.asdict(self)
 
 
 # ------------------------------------------------------------------------------- models
@@ -475,107 +415,4 @@ def dense_config(config: ModelConfig, mlp_dim: int | None = None) -> ModelConfig
   """The dense counterpart of ``config`` (``num_experts = 0``, FLOP-matched width by default)."""
   return dataclasses.replace(
     config, num_experts=0, expert_mlp_dim=None, mlp_dim=mlp_dim or dense_mlp_dim(config)
-  )
-
-
-# ------------------------------------------------------------------------------- data
-def mixture_tasks(name: str) -> list[tuple[str, float]]:
-  """``[(task, rate)]`` of a task (rate 1) or mixture (its rates, normalised to sum to 1)."""
-  provider = pipeline.validate_task_name(name)
-  if isinstance(provider, seqio.Mixture):
-    pairs = [(t.name, float(provider.get_rate(t))) for t in provider.tasks]
-    total = sum(r for _, r in pairs) or 1.0
-    return [(t, r / total) for t, r in pairs]
-  return [(provider.name, 1.0)]
-
-
-def _register(name: str, pairs: Sequence[tuple[str, float]]) -> str:
-  merged: dict[str, float] = {}
-  for task, rate in pairs:
-    merged[task] = merged.get(task, 0.0) + rate
-  if name in seqio.MixtureRegistry.names():
-    seqio.MixtureRegistry.remove(name)
-  seqio.MixtureRegistry.add(name, sorted(merged.items()))
-  return name
-
-
-def _short_hash(*parts: Any) -> str:
-  return hashlib.sha256(repr(parts).encode()).hexdigest()[:8]
-
-
-def register_replay_mixture(current: str, earlier: Sequence[str], fraction: float) -> str:
-  """Registers the mixture of a replay phase and returns its name.
-
-  ``current``'s tasks get ``1 - fraction`` of the examples (at their own relative rates); the earlier
-  phases' mixtures share ``fraction`` equally. With no earlier phase, ``current`` is returned.
-  Deterministic: the same arguments give the same name and rates (re-registration replaces).
-  """
-  earlier = [m for m in earlier if m != current]
-  if not earlier:
-    return current
-  pairs = [(t, (1.0 - fraction) * r) for t, r in mixture_tasks(current)]
-  for mixture in earlier:
-    pairs += [(t, fraction * r / len(earlier)) for t, r in mixture_tasks(mixture)]
-  return _register(f"lifelong_replay_{_short_hash(current, tuple(earlier), fraction)}", pairs)
-
-
-def register_joint_mixture(mixtures: Sequence[str]) -> str:
-  """Registers the union of ``mixtures`` (each mixture an equal share) and returns its name."""
-  unique = list(dict.fromkeys(mixtures))
-  if len(unique) == 1:
-    return unique[0]
-  pairs = [(t, r / len(unique)) for m in unique for t, r in mixture_tasks(m)]
-  return _register(f"lifelong_joint_{_short_hash(tuple(unique))}", pairs)
-
-
-# ------------------------------------------------------------------------------- EWC Fisher
-def _float32_like(params: PyTree) -> PyTree:
-  """float32 ``ShapeDtypeStruct``s with the shapes and shardings of ``params``."""
-  return jax.tree_util.tree_map(
-    lambda p: jax.ShapeDtypeStruct(p.shape, jnp.float32, sharding=p.sharding), params
-  )
-
-
-def _save_accumulated_fisher(method: Method, setup: PhaseSetup, start_dir: str) -> None:
-  """EWC: Fisher of the previous phase (its data, its final params) plus the Fisher accumulated
-  over earlier phases, saved to ``start_dir/ewc_fisher``."""
-  t0 = time.perf_counter()
-  schedule, options = setup.schedule, setup.options
-  prev_model = lm.LanguageModel(
-    method.model_config(setup.base_config, schedule, setup.index - 1, options)
-  )
-  prev_params = setup.previous_params()
-  ds = pipeline.get_dataset(
-    method.mixture(schedule, setup.index - 1, options),
-    schedule.task_feature_lengths,
-    "train",
-    schedule.batch_size // jax.process_count(),
-    shuffle=True,
-    seed=schedule.seed + 7919,
-    repeat=True,
-    shard_index=jax.process_index(),
-    num_shards=jax.process_count(),
-    data_dir=setup.data_dir,
-  )
-  sharding = setup.partitioner.batch_sharding()
-  batches = (
-    {k: jax.make_array_from_process_local_data(sharding, v) for k, v in b.items()}
-    for b in ds.as_numpy_iterator()
-  )
-  with setup.partitioner.context():
-    fisher = penalties.estimate_fisher(
-      prev_model, prev_params, batches, num_batches=options.fisher_batches
-    )
-  earlier = os.path.join(setup.previous_phase_dir, FISHER_DIR)
-  if os.path.isdir(earlier):
-    fisher = jax.tree_util.tree_map(
-      jnp.add, penalties.load_fisher(earlier, _float32_like(prev_params)), fisher
-    )
-  penalties.save_fisher(os.path.join(start_dir, FISHER_DIR), fisher)
-  logging.info(
-    "[%s] EWC Fisher for phase %d estimated on %d batches (%.1f s).",
-    method.name,
-    setup.index,
-    options.fisher_batches,
-    time.perf_counter() - t0,
   )

@@ -99,7 +99,7 @@ class FewshotEval:
 class HarnessEval:
   """Optional lm-evaluation-harness tasks after every phase (off by default; needs ``.[harness]``).
 
-  Runs ``lifelong_moe_jax.eval.harness.evaluate`` on the phase's final params (no restore);
+  Runs ``lifelong_moe_jax.eval.harness_tasks.evaluate`` on the phase's final params (no restore);
   results go to the phase result and the report under ``callbacks.harness``:
   ``{task: {metric: value}}`` (e.g. ``acc``, ``acc_norm``; filters other than ``none`` keep their
   ``metric,filter`` key).
@@ -123,6 +123,7 @@ class HarnessEval:
   def callback(self) -> PhaseCallback:
     """The phase callback; a missing extra or unknown task is refused here, before any training."""
     from lifelong_moe_jax.eval import harness  # pylint: disable=import-outside-toplevel
+    from lifelong_moe_jax.eval import harness_tasks  # pylint: disable=import-outside-toplevel
 
     try:
       harness.require_harness()
@@ -130,7 +131,7 @@ class HarnessEval:
       raise ScheduleError(f"HarnessEval: {e}") from e
     if not self.tasks:
       raise ScheduleError("HarnessEval.enabled needs HarnessEval.tasks (harness task names).")
-    unknown = harness.unknown_tasks(list(self.tasks), self.include_path)
+    unknown = harness_tasks.unknown_tasks(list(self.tasks), self.include_path)
     if unknown:
       raise ScheduleError(
         f"HarnessEval.tasks: unknown harness task(s) {unknown} (built-in "
@@ -141,14 +142,14 @@ class HarnessEval:
       model = harness.LifelongMoeLM.from_parts(
         ctx.model, ctx.params, ctx.vocabulary, ctx.partitioner, batch_size=self.batch_size
       )
-      results = harness.evaluate(
+      results = harness_tasks.evaluate(
         model,
         list(self.tasks),
         num_fewshot=self.num_fewshot,
         include_path=self.include_path,
         limit=self.limit,
       )
-      return harness.metric_values(results)
+      return harness_tasks.metric_values(results)
 
     return run
 

@@ -34,6 +34,9 @@ class RunLayout:
     options: the method hyperparameters.
     base_config: the first phase's model.
     share_first_phase: methods whose first phase is identical train it once, in ``shared/``.
+    data_shards: input shards every global batch (training, evaluation, usage and Fisher
+      batches) is assembled from (None: the process count); runs with equal ``data_shards`` read
+      equal global batches whatever their process count (``RunnerConfig.data_shards``).
   """
 
   model_dir: str
@@ -41,16 +44,21 @@ class RunLayout:
   options: methods_lib.MethodOptions
   base_config: ModelConfig
   share_first_phase: bool = True
+  data_shards: int | None = None
+
+  def options_for(self, method: str) -> methods_lib.MethodOptions:
+    """The hyperparameters of ``method``: the run's, with a variant's overrides applied."""
+    return methods_lib.get_method(method).options(self.options)
 
   def config_for(self, method: str, index: int) -> ModelConfig:
     """The model of ``method`` during phase ``index``."""
     return methods_lib.get_method(method).model_config(
-      self.base_config, self.schedule, index, self.options
+      self.base_config, self.schedule, index, self.options_for(method)
     )
 
   def mixture_for(self, method: str, index: int) -> str:
     """The seqio task/mixture ``method`` trains on in phase ``index``."""
-    return methods_lib.get_method(method).mixture(self.schedule, index, self.options)
+    return methods_lib.get_method(method).mixture(self.schedule, index, self.options_for(method))
 
   def is_shared(self, method: str, index: int) -> bool:
     return (

@@ -9,9 +9,14 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 from lifelong_moe_jax.training import summaries
+
+if TYPE_CHECKING:
+  from lifelong_moe_jax.lifelong.phase_layout import RunLayout
+  from lifelong_moe_jax.lifelong.phase_record import PhaseRecord
+  from lifelong_moe_jax.training.run import TrainResult
 
 RESULT_FILE = "phase_result.json"
 RUN_FILE = "lifelong_run.json"
@@ -96,3 +101,71 @@ def train_summary(metrics_path: str, start_step: int, end_step: int) -> tuple[di
       if values:
         timing[key] = sum(values) / len(values)
   return train, timing
+
+
+def phase_result(
+  layout: RunLayout,
+  method: str,
+  index: int,
+  *,
+  num_params: int,
+  evals: Mapping[str, Any],
+  routing: Mapping[str, Any] | None,
+  callbacks: Mapping[str, Any],
+  record: PhaseRecord | None,
+  start_entries: Mapping[str, Any] | None,
+  train_result: TrainResult,
+  walls: Mapping[str, float],
+) -> dict[str, Any]:
+  """The ``phase_result.json`` content of phase ``index`` of ``method`` (format
+  ``RESULT_FORMAT_VERSION``; docs/lifelong_runner.md).
+
+  Args:
+    layout: the run's layout.
+    method, index: the phase.
+    num_params: parameters of the trained model.
+    evals: ``{task: metrics}`` after the phase; routing: ``{task: entry}`` (None for dense).
+    callbacks: ``{name: result}`` of the per-phase callbacks.
+    record: the phase record (None for dense models).
+    start_entries: the step-0 entries (``phase_analysis.start_entries``; None for phase 0).
+    train_result: what ``training.run.train_model`` returned (teardown times, steps trained).
+    walls: ``train_wall_s``, ``eval_wall_s`` and ``phase_wall_s`` of this invocation.
+  """
+  schedule, phase = layout.schedule, layout.schedule.phases[index]
+  config = layout.config_for(method, index)
+  train, timing = train_summary(
+    os.path.join(layout.phase_dir(method, index), "train", "metrics.jsonl"),
+    schedule.start_step(index),
+    schedule.end_step(index),
+  )
+  timing.update(train_result.teardown)
+  timing.update(walls)
+  timing["trained_steps_this_invocation"] = int(train_result.state.step) - train_result.start_step
+  out = {
+    "format_version": RESULT_FORMAT_VERSION,
+    "method": method,
+    "trained_by": "shared" if layout.is_shared(method, index) else method,
+    "phase_index": index,
+    "phase": phase.name,
+    "mixture": phase.mixture,
+    "trained_on": layout.mixture_for(method, index),
+    "steps": phase.steps,
+    "start_step": schedule.start_step(index),
+    "end_step": schedule.end_step(index),
+    "num_experts": config.num_experts,
+    "experts_per_layer": [config.num_experts] * config.num_moe_layers,
+    "expert_slices": (
+      {k: list(v) for k, v in record.expert_slices().items()} if record is not None else {}
+    ),
+    "num_params": num_params,
+    "options": layout.options_for(method).to_dict(),
+    "data_shards": layout.data_shards,
+    "eval": dict(evals),
+    "train": train,
+    "callbacks": dict(callbacks),
+    "timing": timing,
+  }
+  if routing:
+    out["routing"] = routing
+  out.update(start_entries or {})
+  return out

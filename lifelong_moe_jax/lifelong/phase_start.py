@@ -52,7 +52,7 @@ def phase_setup(
   return methods_lib.PhaseSetup(
     schedule=layout.schedule,
     index=index,
-    options=layout.options,
+    options=layout.options_for(method),
     base_config=layout.base_config,
     partitioner=partitioner,
     data_dir=data_dir,
@@ -60,6 +60,7 @@ def phase_setup(
     previous_phase_dir=layout.phase_dir(method, index - 1),
     previous_params=restore_previous,
     record=record,
+    data_shards=layout.data_shards,
   )
 
 
@@ -86,7 +87,7 @@ def build_phase_start(
   if os.path.isdir(pdir):
     return None
   method_obj = methods_lib.get_method(method)
-  schedule, options = layout.schedule, layout.options
+  schedule, options = layout.schedule, layout.options_for(method)
   phase = schedule.phases[index]
   source_experts: Any = "round_robin"
   if options.expert_init == "copy" and options.source_experts == "usage":
@@ -99,6 +100,7 @@ def build_phase_start(
         schedule.task_feature_lengths,
         schedule.eval_batch,
         data_dir=data_dir,
+        data_shards=layout.data_shards,
       )
       return evaluator.expert_usage(
         params, layout.mixture_for(method, index), options.usage_batches
@@ -115,6 +117,7 @@ def build_phase_start(
       schedule.eval_batch,
       options.usage_batches,
       data_dir=data_dir,
+      data_shards=layout.data_shards,
     )
 
   def prepare(tmp_dir: str, previous_params: PyTree) -> None:

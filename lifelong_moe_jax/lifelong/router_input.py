@@ -46,9 +46,11 @@ def measure_router_input_mean(
   batch_size: int,
   num_batches: int,
   data_dir: str | None = None,
+  data_shards: int | None = None,
 ) -> np.ndarray:
   """float64 ``[num_moe_layers, embed]``: mean router input over the real tokens of the first
-  ``num_batches`` train batches of ``mixture``.
+  ``num_batches`` train batches of ``mixture`` (global batches assembled from ``data_shards``
+  input shards, default the process count; see ``loss_eval.Evaluator``).
 
   Raises:
     ValueError: a dense model, or no routed token.
@@ -63,6 +65,7 @@ def measure_router_input_mean(
     batch_size,
     data_dir=data_dir,
     sums_fn=router_input_sums,
+    data_shards=data_shards,
   )
   totals, _ = evaluator.task_sums(params, mixture, split="train", limit=num_batches)
   count = totals["router_token_count"]

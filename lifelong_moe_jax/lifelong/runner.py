@@ -14,8 +14,8 @@ Layout of ``MODEL_DIR``::
           step0_eval.json            evaluation of the step-0 checkpoint (phases i > 0)
           phase_result.json          evaluation after the phase (written last: phase complete)
 
-Per method and phase ``i`` (steps are global: phase ``i`` trains from ``start_step(i)`` to
-``end_step(i)``):
+Per method and phase ``i`` (``phase_run.run_phase``; steps are global: phase ``i`` trains from
+``start_step(i)`` to ``end_step(i)``):
 
 1. ``phase_result.json`` exists -> the phase is complete, skip it.
 2. ``i > 0`` and the phase folder does not exist -> ``checkpoint_expansion.expand_checkpoint`` builds
@@ -30,8 +30,11 @@ Per method and phase ``i`` (steps are global: phase ``i`` trains from ``start_st
    report.
 
 What a method does is decided by its ``methods.Method`` object; the runner only sequences phases.
-Everything checkable (schedule, methods, task names, expert counts vs mesh, an existing run's
-identity) is checked before anything is written.
+Everything checkable (schedule, methods, task names, expert counts vs mesh, input shards, an
+existing run's identity) is checked before anything is written. Every global batch the run reads
+is assembled from ``RunnerConfig.data_shards`` input shards, so its numbers do not depend on the
+number of processes; only process 0 writes JSON, reports and plots (checkpoints are written
+cooperatively).
 """
 
 from __future__ import annotations
@@ -46,7 +49,6 @@ import gin
 import jax
 
 from lifelong_moe_jax import checkpoints
-from lifelong_moe_jax import param_tree
 from lifelong_moe_jax import partitioning
 from lifelong_moe_jax.data import pipeline
 from lifelong_moe_jax.data import registration
@@ -54,28 +56,23 @@ from lifelong_moe_jax.data import vocab as vocab_lib
 from lifelong_moe_jax.eval import loss_eval
 from lifelong_moe_jax.eval import phase_eval
 from lifelong_moe_jax.lifelong import checkpoint_expansion
+from lifelong_moe_jax.lifelong import method_options
 from lifelong_moe_jax.lifelong import methods as methods_lib
 from lifelong_moe_jax.lifelong import phase_analysis
 from lifelong_moe_jax.lifelong import phase_results
-from lifelong_moe_jax.lifelong import phase_start
+from lifelong_moe_jax.lifelong import phase_run
 from lifelong_moe_jax.lifelong import report as report_lib
-from lifelong_moe_jax.lifelong.phase_callbacks import FewshotEval, PhaseCallback, PhaseContext
+from lifelong_moe_jax.lifelong.phase_callbacks import FewshotEval, PhaseCallback
 from lifelong_moe_jax.lifelong.phase_callbacks import HarnessEval
 from lifelong_moe_jax.lifelong.phase_layout import SHARED_DIR, RunLayout  # noqa: F401
-from lifelong_moe_jax.lifelong.phase_record import METADATA_KEY
+from lifelong_moe_jax.lifelong.phase_run import LifelongError
 from lifelong_moe_jax.lifelong.schedule import LifelongSchedule, ScheduleError
 from lifelong_moe_jax.models import lm
 from lifelong_moe_jax.models.config import ModelConfig
 from lifelong_moe_jax.training import optimizers
-from lifelong_moe_jax.training import run as run_lib
 from lifelong_moe_jax.training import summaries
-from lifelong_moe_jax.training import train_state as ts
 
 PyTree = Any
-
-
-class LifelongError(ValueError):
-  """A lifelong run cannot proceed (inconsistent folder, schedule or checkpoint)."""
 
 
 @gin.configurable
@@ -94,6 +91,15 @@ class RunnerConfig:
       task: rate, ...}}`` (weighted, e.g. ``{"web": 81, "wikipedia": 19}``), registered likewise.
     compilation_cache_dir: JAX persistent compilation cache: "auto" = ``MODEL_DIR/jax_cache``
       unless the process already has one configured; None leaves JAX's setting alone.
+    method_variants: ``{name: {"base": method, <MethodOptions field>: value, ...}}``: methods
+      registered for this run that use other ``MethodOptions`` values than the run's, e.g.
+      ``{"lifelong_moe_dw0.3": {"base": "lifelong_moe", "distill_weight": 0.3}}``; they share the
+      first phase with every other method that trains it identically
+      (``methods.method_variant``).
+    data_shards: input shards every global batch is assembled from (training streams, replay
+      and joint mixtures, evaluation, usage and EWC Fisher batches; None: the process count). A
+      run reads the same global batches in any number of processes that divides it, e.g.
+      ``data_shards = 2`` in 1 process x 8 devices and in 2 processes x 4 devices.
   """
 
   model_dir: str = ""
@@ -103,6 +109,8 @@ class RunnerConfig:
   tfds_distributions: Mapping[str, Mapping[str, Any]] | None = None
   mixtures: Mapping[str, Sequence[str] | Mapping[str, float]] | None = None
   compilation_cache_dir: str | None = "auto"
+  method_variants: Mapping[str, Mapping[str, Any]] | None = None
+  data_shards: int | None = None
 
 
 def register_distributions(
@@ -125,11 +133,58 @@ def register_distributions(
       raise ScheduleError(f"RunnerConfig.mixtures[{name!r}]: {e}") from e
 
 
+def register_method_variants(variants: Mapping[str, Mapping[str, Any]] | None) -> None:
+  """Registers ``RunnerConfig.method_variants`` (``methods.method_variant``)."""
+  for name, spec in sorted((variants or {}).items()):
+    if not isinstance(spec, Mapping):
+      raise ScheduleError(
+        f"RunnerConfig.method_variants[{name!r}] must be a dict like "
+        "{'base': 'lifelong_moe', 'distill_weight': 0.3}, got " + repr(spec)
+      )
+    try:
+      methods_lib.method_variant(name, spec)
+    except (TypeError, ValueError) as e:
+      raise ScheduleError(f"RunnerConfig.method_variants[{name!r}]: {e}") from e
+
+
+def enable_compilation_cache(setting: str | None, model_dir: str) -> None:
+  """Points JAX's persistent compilation cache at ``setting`` (``RunnerConfig.
+  compilation_cache_dir``: "auto" = ``model_dir/jax_cache``) unless one is configured."""
+  if setting is None or jax.config.jax_compilation_cache_dir:
+    return
+  path = os.path.join(model_dir, "jax_cache") if setting == "auto" else setting
+  jax.config.update("jax_compilation_cache_dir", path)
+  logging.info("JAX persistent compilation cache: %s", path)
+
+
 def _field_defaults(cls: type) -> dict[str, Any]:
   """``{field: class default}`` of a dataclass (gin bindings ignored)."""
   return {
     f.name: f.default for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING
   }
+
+
+def check_run_identity(model_dir: str, identity: Mapping[str, Any]) -> None:
+  """Refuses a MODEL_DIR holding another run (``phase_results.check_run_identity``; options and
+  model fields at their class defaults count as absent, so newer fields do not refuse old runs).
+
+  Raises:
+    LifelongError: naming the differing entries.
+  """
+  try:
+    phase_results.check_run_identity(
+      model_dir,
+      identity,
+      defaults={
+        "options": {
+          **_field_defaults(methods_lib.MethodOptions),
+          **method_options.LEGACY_OPTION_VALUES,
+        },
+        "model_config": _field_defaults(ModelConfig),
+      },
+    )
+  except ValueError as e:
+    raise LifelongError(str(e)) from e
 
 
 def _primary() -> bool:
@@ -176,6 +231,7 @@ class LifelongRunner:
       raise LifelongError("model_dir is required (--gin.MODEL_DIR=\\\"/path\\\").")
     self.model_dir = checkpoints.absolute(model_dir)
     self.schedule = schedule or LifelongSchedule()
+    register_method_variants(self.config.method_variants)
     self.methods = tuple(methods or self.schedule.methods)
     if not self.methods or len(set(self.methods)) != len(self.methods):
       raise ScheduleError(f"Methods must be non-empty and unique, got {list(self.methods)}.")
@@ -195,21 +251,34 @@ class LifelongRunner:
     ).config
     self.mesh = partitioning.create_mesh(mesh_config or partitioning.MeshConfig())
     self.partitioner = partitioning.Partitioner(self.mesh)
-    self.optimizer = optimizers.create_optimizer(
-      train_steps=self.schedule.total_steps,
-      schedule=optimizers.phase_warmup_schedule(
-        [self.schedule.start_step(i) for i in range(1, len(self.schedule.phases))],
-        self.options.phase_warmup_steps,
-        train_steps=self.schedule.total_steps,
-      ),
-    )
     self.layout = RunLayout(
-      self.model_dir, self.schedule, self.options, self.base_config, self.config.share_first_phase
+      self.model_dir,
+      self.schedule,
+      self.options,
+      self.base_config,
+      self.config.share_first_phase,
+      data_shards=self.schedule.resolve_data_shards(self.config.data_shards, jax.process_count()),
     )
+    self._optimizers: dict[int, optimizers.Optimizer] = {}
+    self.optimizer = self.optimizer_for(self.methods[0])
     self.phase_dir, self.final_step_dir = self.layout.phase_dir, self.layout.final_step_dir
     self.config_for = self.layout.config_for
     self._eval_batch_cache: dict = {}
     self._validate()
+
+  def optimizer_for(self, method: str) -> optimizers.Optimizer:
+    """The optimizer ``method`` trains with (its ``phase_warmup_steps`` re-warm each phase)."""
+    warmup = self.layout.options_for(method).phase_warmup_steps
+    if warmup not in self._optimizers:
+      self._optimizers[warmup] = optimizers.create_optimizer(
+        train_steps=self.schedule.total_steps,
+        schedule=optimizers.phase_warmup_schedule(
+          [self.schedule.start_step(i) for i in range(1, len(self.schedule.phases))],
+          warmup,
+          train_steps=self.schedule.total_steps,
+        ),
+      )
+    return self._optimizers[warmup]
 
   # ----------------------------------------------------------------------------- validation
   def _validate(self) -> None:
@@ -220,13 +289,7 @@ class LifelongRunner:
     self.eval_tasks = loss_eval.eval_task_names(
       None, [p.mixture for p in sched.phases] + list(sched.extra_eval_tasks)
     )
-    length = sched.task_feature_lengths.get("targets")
-    if set(sched.task_feature_lengths) != {"targets"} or length > self.base_config.max_length:
-      raise ScheduleError(
-        f"task_feature_lengths must be {{'targets': L}} with L <= "
-        f"ModelConfig.max_length={self.base_config.max_length}, got "
-        f"{sched.task_feature_lengths}."
-      )
+    sched.validate_lengths(self.base_config.max_length)
     for method in self.method_objects.values():
       method.validate(sched, self.base_config)
       partitioning.validate_model_for_mesh(
@@ -236,17 +299,7 @@ class LifelongRunner:
       sched.validate_experts(self.base_config.num_experts, self.mesh.shape["expert"])
     partitioning.validate_batch_for_mesh(sched.batch_size, self.mesh)
     partitioning.validate_batch_for_mesh(sched.eval_batch, self.mesh)
-    try:
-      phase_results.check_run_identity(
-        self.model_dir,
-        self.run_identity(),
-        defaults={
-          "options": _field_defaults(methods_lib.MethodOptions),
-          "model_config": _field_defaults(ModelConfig),
-        },
-      )
-    except ValueError as e:
-      raise LifelongError(str(e)) from e
+    check_run_identity(self.model_dir, self.run_identity())
 
   def run_identity(self) -> dict[str, Any]:
     """What must not change between invocations on one MODEL_DIR."""
@@ -262,157 +315,11 @@ class LifelongRunner:
 
   # ----------------------------------------------------------------------------- one phase
   def run_phase(self, method: str, index: int) -> dict[str, Any]:
-    """Trains and evaluates one phase (resuming or skipping as the folder says); returns its result."""
-    phase = self.schedule.phases[index]
-    pdir = self.phase_dir(method, index)
-    result_path = os.path.join(pdir, phase_results.RESULT_FILE)
-    if os.path.exists(result_path):
-      logging.info("[%s] phase %d (%s) already complete: %s", method, index, phase.name, pdir)
-      return phase_results.read_json(result_path)
-    method_obj = methods_lib.get_method(method)
-    config = self.config_for(method, index)
-    logging.info(
-      "[%s] ===== phase %d/%d %s: %s, steps %d..%d, %s =====",
-      method,
-      index + 1,
-      len(self.schedule.phases),
-      phase.name,
-      self.layout.mixture_for(method, index),
-      self.schedule.start_step(index),
-      self.schedule.end_step(index),
-      f"{config.num_experts} experts per MoE layer" if config.is_moe else "dense",
-    )
-    t_start = time.perf_counter()
-    layout = self.layout
-    previous_params = (
-      phase_start.build_phase_start(
-        layout, self.partitioner, self.optimizer, self.data_dir, method, index
-      )
-      if index > 0
-      else None
-    )
-    record = phase_start.record_at_start(layout, method, index)
-    model = lm.LanguageModel(config)
-    evaluator = self._evaluator(model)
-    start = None
-    if index > 0:  # every distribution on the step-0 checkpoint (after surgery, before updates)
-      start = phase_analysis.step0_evaluation(
-        layout, self.partitioner, self.optimizer, self.data_dir, method, index, evaluator, record
-      )
-      phase_analysis.log_step0(
-        method, phase.name, self._previous_eval(method, index), start["eval"]
-      )
-      phase_analysis.log_routing(method, f"at step 0 of {phase.name}", start.get("routing"))
-    regularizers, wrapper = [], None
-    if index > 0:
-      setup = phase_start.phase_setup(
-        layout, self.partitioner, self.data_dir, method, index, record, previous_params
-      )
-      regularizers, wrapper = method_obj.regularizers(setup), method_obj.optimizer_wrapper(setup)
-    del previous_params
-    t_train = time.perf_counter()
-    result = run_lib.train_model(
-      model=model,
-      partitioner=self.partitioner,
-      optimizer=self.optimizer,
-      vocabulary=self.vocabulary,
-      model_dir=pdir,
-      mixture_or_task_name=self.layout.mixture_for(method, index),
-      task_feature_lengths=self.schedule.task_feature_lengths,
-      train_steps=self.schedule.end_step(index),
-      batch_size=self.schedule.batch_size,
-      checkpoint_config=checkpoints.CheckpointConfig(),
-      seed=self.schedule.seed,
-      data_seed=self.schedule.seed + index,
-      data_position="iterator",
-      pack=True,
-      data_dir=self.data_dir,
-      summary_every_steps=self.config.summary_every_steps,
-      log_every_steps=self.config.log_every_steps,
-      eval_every_steps=0,
-      regularizers=regularizers,
-      optimizer_wrapper=wrapper,
-      write_run_config=self.write_run_config,
-      extra_metadata={
-        METADATA_KEY: dict(
-          layout.lifelong_info(method, index), phase_record=record.to_dict() if record else None
-        )
-      },
-    )
-    train_wall = time.perf_counter() - t_train
-    logging.info(
-      "[%s] phase %d (%s) trained in %s; evaluating %d distributions.",
-      method,
-      index,
-      phase.name,
-      summaries.format_duration(train_wall),
-      len(self.eval_tasks),
-    )
-    params = result.state.params
-    if record is not None:
-      record.validate_expert_counts(param_tree.expert_counts(params, result.trainer.params_axes))
-    t_eval = time.perf_counter()
-    evals = evaluator.evaluate(params)
-    for task, values in evals.items():
-      logging.info(
-        "[%s] after %s | %s | loss %.4f | perplexity %.2f",
-        method,
-        phase.name,
-        task,
-        values["loss"],
-        values["perplexity"],
-      )
-    routing = phase_analysis.phase_routing(evals, record)
-    phase_analysis.log_routing(method, f"after {phase.name}", routing)
-    ctx = PhaseContext(method, index, phase, model, params, self.partitioner, self.vocabulary, pdir)
-    callback_results = {
-      name: phase_results.jsonable(fn(ctx)) for name, fn in self.callbacks.items()
-    }
-    eval_wall = time.perf_counter() - t_eval
-    train, timing = phase_results.train_summary(
-      os.path.join(pdir, "train", "metrics.jsonl"),
-      self.schedule.start_step(index),
-      self.schedule.end_step(index),
-    )
-    timing.update(result.teardown)
-    timing.update(
-      train_wall_s=train_wall,
-      eval_wall_s=eval_wall,
-      phase_wall_s=time.perf_counter() - t_start,
-      trained_steps_this_invocation=int(result.state.step) - result.start_step,
-    )
-    out = {
-      "format_version": phase_results.RESULT_FORMAT_VERSION,
-      "method": method,
-      "trained_by": "shared" if self.layout.is_shared(method, index) else method,
-      "phase_index": index,
-      "phase": phase.name,
-      "mixture": phase.mixture,
-      "trained_on": self.layout.mixture_for(method, index),
-      "steps": phase.steps,
-      "start_step": self.schedule.start_step(index),
-      "end_step": self.schedule.end_step(index),
-      "num_experts": config.num_experts,
-      "experts_per_layer": [config.num_experts] * config.num_moe_layers,
-      "expert_slices": (
-        {k: list(v) for k, v in record.expert_slices().items()} if record is not None else {}
-      ),
-      "num_params": ts.param_count(params),
-      "eval": evals,
-      "train": train,
-      "callbacks": callback_results,
-      "timing": timing,
-    }
-    if routing:
-      out["routing"] = routing
-    if start is not None:
-      out.update(phase_analysis.start_entries(start))
-    if _primary():
-      phase_results.write_json_atomic(result_path, out)
-    checkpoint_expansion.sync_processes(f"phase-done-{method}-{index}")
-    return out
+    """Trains and evaluates one phase (resuming or skipping as the folder says); returns its result
+    (``phase_run.run_phase``)."""
+    return phase_run.run_phase(self, method, index)
 
-  def _evaluator(self, model: lm.LanguageModel) -> phase_eval.PhaseEvaluator:
+  def evaluator(self, model: lm.LanguageModel) -> phase_eval.PhaseEvaluator:
     """A ``PhaseEvaluator`` of ``model`` over every distribution (batches cached per run)."""
     return phase_eval.PhaseEvaluator(
       model,
@@ -423,31 +330,28 @@ class LifelongRunner:
       max_batches=self.schedule.eval_max_batches,
       data_dir=self.data_dir,
       batch_cache=self._eval_batch_cache,
+      data_shards=self.layout.data_shards,
     )
-
-  def _previous_eval(self, method: str, index: int) -> dict[str, Any] | None:
-    """The evaluation after phase ``index - 1`` (None when its result is missing)."""
-    path = os.path.join(self.phase_dir(method, index - 1), phase_results.RESULT_FILE)
-    return phase_results.read_json(path).get("eval") if os.path.exists(path) else None
 
   def backfill_analysis(self) -> list[str]:
     """Adds the ``routing`` and ``eval_at_start`` entries that phases completed before these
     measurements existed lack, from their checkpoints (``phase_analysis.backfill``), for every
     method with results in MODEL_DIR; returns the rewritten ``phase_result.json`` paths."""
-    self._enable_compilation_cache()
+    enable_compilation_cache(self.config.compilation_cache_dir, self.model_dir)
     methods = list(self.layout.collect_results(self.methods))
     return phase_analysis.backfill(
-      self.layout, self.partitioner, self.optimizer, self.data_dir, methods, self._evaluator
+      self.layout, self.partitioner, self.optimizer, self.data_dir, methods, self.evaluator
     )
 
   # ----------------------------------------------------------------------------- whole run
   def run(self) -> dict[str, Any]:
-    """Runs every method's phases (skipping complete ones), writing the report after each phase.
+    """Runs every method's phases (skipping complete ones), writing the report after each phase
+    it trains and once at the end.
 
     Returns:
       The report (``report.json`` content).
     """
-    self._enable_compilation_cache()
+    enable_compilation_cache(self.config.compilation_cache_dir, self.model_dir)
     if _primary():
       os.makedirs(self.model_dir, exist_ok=True)
       path = os.path.join(self.model_dir, phase_results.RUN_FILE)
@@ -455,31 +359,34 @@ class LifelongRunner:
         phase_results.write_json_atomic(path, self.run_identity())
     checkpoint_expansion.sync_processes("run-file")
     t0 = time.perf_counter()
-    total, done = len(self.methods) * len(self.schedule.phases), 0
-    for method in self.methods:
-      for index in range(len(self.schedule.phases)):
-        self.run_phase(method, index)
-        done += 1
-        self.write_report()
-        elapsed = time.perf_counter() - t0
-        logging.info(
-          "Lifelong run: %d/%d phases done, %s elapsed, ETA %s.",
-          done,
-          total,
-          summaries.format_duration(elapsed),
-          summaries.format_duration(elapsed / done * (total - done)),
-        )
+    plan = [(m, i) for m in self.methods for i in range(len(self.schedule.phases))]
+    todo = {self.phase_dir(*p) for p in plan if not self._phase_complete(*p)}  # shared: once
+    logging.info(
+      "Lifelong run: %d methods x %d phases, %d phase(s) to train (a shared phase once).",
+      len(self.methods),
+      len(self.schedule.phases),
+      len(todo),
+    )
+    done = 0
+    for method, index in plan:
+      complete = self._phase_complete(method, index)
+      self.run_phase(method, index)
+      if complete:
+        continue
+      done += 1
+      self.write_report()
+      elapsed = time.perf_counter() - t0
+      logging.info(
+        "Lifelong run: %d/%d phases trained, %s elapsed, ETA %s.",
+        done,
+        len(todo),
+        summaries.format_duration(elapsed),
+        summaries.format_duration(elapsed / done * (len(todo) - done)),
+      )
     return self.write_report()
 
-  def _enable_compilation_cache(self) -> None:
-    """Points JAX's persistent compilation cache at ``config.compilation_cache_dir``."""
-    path = self.config.compilation_cache_dir
-    if path is None or jax.config.jax_compilation_cache_dir:
-      return
-    if path == "auto":
-      path = os.path.join(self.model_dir, "jax_cache")
-    jax.config.update("jax_compilation_cache_dir", path)
-    logging.info("JAX persistent compilation cache: %s", path)
+  def _phase_complete(self, method: str, index: int) -> bool:
+    return os.path.exists(os.path.join(self.phase_dir(method, index), phase_results.RESULT_FILE))
 
   def write_report(self) -> dict[str, Any]:
     """Rebuilds ``report.json``, ``report.md`` and the PNGs from the phase results on disk."""

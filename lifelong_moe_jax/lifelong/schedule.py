@@ -163,6 +163,32 @@ class LifelongSchedule:
           f"count is a multiple of {expert_axis_size}."
         )
 
+  def validate_lengths(self, max_length: int) -> None:
+    """Checks ``task_feature_lengths`` (``{"targets": L}``) against the model's ``max_length``."""
+    length = self.task_feature_lengths.get("targets")
+    if set(self.task_feature_lengths) != {"targets"} or length > max_length:
+      raise ScheduleError(
+        f"task_feature_lengths must be {{'targets': L}} with L <= "
+        f"ModelConfig.max_length={max_length}, got {self.task_feature_lengths}."
+      )
+
+  def resolve_data_shards(self, data_shards: int | None, process_count: int) -> int:
+    """The input shards global batches are assembled from (None: one per process), checked
+    against the process count and the train and eval batch sizes; raises ScheduleError."""
+    shards = process_count if data_shards is None else int(data_shards)
+    if shards < 1 or shards % process_count:
+      raise ScheduleError(
+        f"RunnerConfig.data_shards={shards} must be a positive multiple of the {process_count} "
+        "processes."
+      )
+    for name, size in (("batch_size", self.batch_size), ("eval_batch_size", self.eval_batch)):
+      if size % shards:
+        raise ScheduleError(
+          f"LifelongSchedule.{name}={size} is not divisible by RunnerConfig.data_shards="
+          f"{shards}; use a multiple of {shards}."
+        )
+    return shards
+
   # --------------------------------------------------------------------------- queries
   @property
   def names(self) -> tuple[str, ...]:

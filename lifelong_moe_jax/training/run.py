@@ -24,6 +24,7 @@ from clu.data import TfDatasetIterator
 import jax
 import seqio
 
+from lifelong_moe_jax import checkpoint_manager
 from lifelong_moe_jax import checkpoints
 from lifelong_moe_jax import partitioning
 from lifelong_moe_jax.data import pipeline
@@ -278,7 +279,7 @@ def train_model(
   """
   # ---------------------------------------------------------------- validation (writes nothing)
   extra_metadata = dict(extra_metadata or {})
-  clash = sorted(set(extra_metadata) & set(checkpoints.RESERVED_METADATA_KEYS))
+  clash = sorted(set(extra_metadata) & set(checkpoint_manager.RESERVED_METADATA_KEYS))
   if clash:
     raise ValueError(f"extra_metadata keys {clash} are reserved; rename them.")
   data_seed = seed if data_seed is None else data_seed
@@ -347,7 +348,7 @@ def train_model(
   # ---------------------------------------------------------------- start (first writes)
   if is_primary and write_run_config is not None:
     write_run_config(model_dir)
-  checkpointer = checkpoints.Checkpointer(model_dir, checkpoint_config)
+  checkpointer = checkpoint_manager.Checkpointer(model_dir, checkpoint_config)
   teardown: dict[str, float] = {}
   train_writer = summaries.MetricsWriter(os.path.join(model_dir, "train"), enabled=is_primary)
   eval_writer = summaries.MetricsWriter(os.path.join(model_dir, "eval"), enabled=is_primary)
@@ -394,7 +395,7 @@ def train_model(
 
     def metadata_fn(step: int, batches_consumed: int) -> dict[str, Any]:
       del step  # the checkpointer adds it
-      return checkpoints.state_metadata(
+      return checkpoint_manager.state_metadata(
         model_config=model.config,
         vocabulary_fingerprint=fingerprint,
         optimizer_name=optimizer.name,

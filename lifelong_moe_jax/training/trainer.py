@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from lifelong_moe_jax import checkpoint_manager
 from lifelong_moe_jax import checkpoints
 from lifelong_moe_jax import distributed
 from lifelong_moe_jax import partitioning
@@ -212,7 +213,7 @@ class Trainer:
 
   def restore_or_initialize(
     self,
-    checkpointer: checkpoints.Checkpointer | None,
+    checkpointer: checkpoint_manager.Checkpointer | None,
     *,
     initial_state: ts.TrainState | None = None,
     restore_checkpoint_path: str | None = None,
@@ -351,7 +352,7 @@ class Trainer:
     train_steps: int,
     aux_states: tuple = (),
     loop: LoopConfig = LoopConfig(),
-    checkpointer: checkpoints.Checkpointer | None = None,
+    checkpointer: checkpoint_manager.Checkpointer | None = None,
     metadata_fn: Callable[[int, int], Mapping[str, Any]] = lambda step, consumed: {},
     data_iterator: Any = None,
     batches_consumed: int = 0,

@@ -1,0 +1,161 @@
+"""Hyperparameters of the lifelong methods (gin: ``MethodOptions.distill_weight = 0.5``), their one
+home; ``methods.Method.options`` applies a method variant's overrides to them."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import gin
+
+from lifelong_moe_jax.lifelong import expansion
+
+
+class MethodError(ValueError):
+  """Unknown or inconsistent lifelong method."""
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class MethodOptions:
+  """Hyperparameters shared by the methods (gin: ``MethodOptions.distill_weight = 0.5``).
+
+  Attributes:
+    expert_init: "copy" (from existing experts + noise) or "random" (layer initializer).
+    noise_scale: copy init: noise std relative to the std of the copied slice.
+    source_experts: copy init: "round_robin", or "usage" (new expert i copies the (i % E)-th most
+      used expert of its layer, measured on the new phase's train data with the previous model).
+    usage_batches: batches for the "usage" measurement.
+    freeze_shared: methods that freeze also freeze every non-expert param.
+    distill_weight / distill_temperature: lambda and T of the distillation term.
+    l2_weight: weight of the L2 penalty ``(w/2) sum (theta - theta*)^2``.
+    ewc_weight: weight of the EWC penalty ``(w/2) sum F (theta - theta*)^2``.
+    fisher_batches: batches of the previous phase's train data for the Fisher estimate.
+    replay_fraction: share of each replay phase's data drawn from earlier phases.
+    dense_mlp_dim: MLP width of the dense model (default: FLOP-matched to the MoE model's
+      activated feed-forward width, see ``dense_config``).
+    router_init: router columns of new experts (``expansion.expand_params``): "copy" (as
+      ``expert_init`` makes them: source column + noise, or the router initializer), "copy_offset"
+      (copy init only: source column + noise ``- router_offset * mu / |mu|^2``, mu = mean router
+      input of the new phase's train data under the previous model, so that on the new data the
+      copy's logit is on average ``router_offset`` below its source's), "zero" or "small_random"
+      (``N(0, (noise_scale * std(old kernel))^2)``).
+      Default "copy_offset" (chosen by the study, docs/study.md: the only option that keeps the
+      step-0 change on old distributions under 0.5%).
+    router_offset: copy_offset: the mean logit gap (>= 0); mu is measured on ``usage_batches``
+      batches of the phase's own data (never earlier phases' data). Default 2.0.
+    new_slice_opt_state: optimizer statistics of new expert slices (``expand_opt_state``):
+      "zeros", "source" (copy of the source expert's statistics; copy init only) or "mean" (mean
+      of the old slices). Default "source" (with copy_offset: the least old-distribution traffic
+      drifting to new experts in the study). Random init needs "mean" or "zeros".
+    phase_warmup_steps: re-warm the learning rate linearly from 0 over this many steps at the
+      start of every phase after the first (multiplies the base schedule); 0 disables.
+    router_distill_weight: methods that distill: weight of the router-level distillation term,
+      ``KL(teacher routing || student routing over the old experts)`` per MoE layer on the
+      current batch (``distill.router_distillation_loss``); 0 disables.
+    teacher_capacity: methods that distill: the expert capacity of the teacher's forward pass,
+      "eval" (``eval_capacity_factor``, as the previous model is evaluated) or "train"
+      (``train_capacity_factor``, as it was trained; about 10% less step time on the demo model,
+      benchmarks/distill_step.py). The teacher is deterministic either way (no router jitter).
+    balance_new_experts_only: methods that expand: the load-balancing loss balances the new
+      data over the new experts only (the all-expert term is replaced by one over the phase's new
+      experts, ``distill.NewExpertBalance``), so the router is not paid to move traffic from old
+      experts to new ones.
+  """
+
+  expert_init: str = "copy"
+  noise_scale: float = 0.01
+  source_experts: str = "round_robin"
+  usage_batches: int = 4
+  freeze_shared: bool = False
+  distill_weight: float = 1.0
+  distill_temperature: float = 1.0
+  l2_weight: float = 0.01
+  ewc_weight: float = 100.0
+  fisher_batches: int = 8
+  replay_fraction: float = 0.25
+  dense_mlp_dim: int | None = None
+  router_init: str = "copy_offset"
+  router_offset: float = 2.0
+  new_slice_opt_state: str = "source"
+  phase_warmup_steps: int = 0
+  router_distill_weight: float = 0.0
+  balance_new_experts_only: bool = False
+  teacher_capacity: str = "eval"
+
+  def __post_init__(self):
+    if self.expert_init not in ("copy", "random"):
+      raise MethodError(
+        f"MethodOptions.expert_init must be 'copy' or 'random', got {self.expert_init!r}."
+      )
+    if self.source_experts not in ("round_robin", "usage"):
+      raise MethodError(
+        f"MethodOptions.source_experts must be 'round_robin' or 'usage', got "
+        f"{self.source_experts!r}."
+      )
+    if not 0.0 < self.replay_fraction < 1.0:
+      raise MethodError(
+        f"MethodOptions.replay_fraction must be in (0, 1), got {self.replay_fraction}."
+      )
+    for name in ("noise_scale", "distill_weight", "l2_weight", "ewc_weight"):
+      if getattr(self, name) < 0:
+        raise MethodError(f"MethodOptions.{name} must be >= 0, got {getattr(self, name)}.")
+    if self.distill_temperature <= 0:
+      raise MethodError("MethodOptions.distill_temperature must be positive.")
+    for name in ("usage_batches", "fisher_batches"):
+      if getattr(self, name) <= 0:
+        raise MethodError(f"MethodOptions.{name} must be positive.")
+    if self.router_init not in expansion.ROUTER_INITS:
+      raise MethodError(
+        f"MethodOptions.router_init must be one of {expansion.ROUTER_INITS}, got "
+        f"{self.router_init!r}."
+      )
+    if self.expert_init != "copy":
+      needs_copy = [
+        f"{name}={value!r}"
+        for name, value in (
+          ("router_init", self.router_init),
+          ("new_slice_opt_state", self.new_slice_opt_state),
+        )
+        if value in ("copy_offset", "source")
+      ]
+      if needs_copy:
+        raise MethodError(
+          f"MethodOptions.expert_init={self.expert_init!r} has no source experts to copy, which "
+          f"{' and '.join(needs_copy)} need (the defaults are 'copy_offset' and 'source'): with "
+          "random init also set MethodOptions.router_init = 'copy' (or 'zero' / 'small_random') "
+          "and MethodOptions.new_slice_opt_state = 'mean' (or 'zeros')."
+        )
+    if self.new_slice_opt_state not in expansion.NEW_SLICE_STATES:
+      raise MethodError(
+        f"MethodOptions.new_slice_opt_state must be one of "
+        f"{expansion.NEW_SLICE_STATES}, got {self.new_slice_opt_state!r}."
+      )
+    for name in ("router_offset", "router_distill_weight", "phase_warmup_steps"):
+      if getattr(self, name) < 0:
+        raise MethodError(f"MethodOptions.{name} must be >= 0, got {getattr(self, name)}.")
+    if self.teacher_capacity not in ("eval", "train"):
+      raise MethodError(
+        f"MethodOptions.teacher_capacity must be 'eval' or 'train', got {self.teacher_capacity!r}."
+      )
+    if not isinstance(self.balance_new_experts_only, bool):
+      raise MethodError(
+        f"MethodOptions.balance_new_experts_only must be True or False, got "
+        f"{self.balance_new_experts_only!r}."
+      )
+
+  def to_dict(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)
+
+
+# What a run recorded before a field existed used: a ``lifelong_run.json`` written by an older
+# version lacks these fields, and its phases ran with these values (not today's defaults).
+LEGACY_OPTION_VALUES = {
+  "router_init": "copy",
+  "router_offset": 1.0,
+  "new_slice_opt_state": "zeros",
+  "phase_warmup_steps": 0,
+  "router_distill_weight": 0.0,
+  "balance_new_experts_only": False,
+  "teacher_capacity": "eval",
+}

@@ -1,0 +1,44 @@
+"""The study's gin files (gin/lifelong/study_cpu.gin, study_sweep.gin) parse, and every method they
+name (built-in or variant) resolves with valid options; the default lifelong_moe options are the
+variant the study chose them from."""
+
+import gin
+
+from lifelong_moe_jax import gin_utils
+from lifelong_moe_jax.lifelong import methods as methods_lib
+from lifelong_moe_jax.lifelong.runner import RunnerConfig
+from lifelong_moe_jax.lifelong.schedule import LifelongSchedule
+import tasks  # noqa: F401  (registers the seqio tasks)
+
+
+def _methods(*files):
+  gin.clear_config()
+  gin_utils.parse_gin(list(files), ["MODEL_DIR = '/tmp/unused'"], finalize=False)
+  try:
+    schedule, config = LifelongSchedule(), RunnerConfig()
+    run_options = methods_lib.MethodOptions()
+  finally:
+    gin.clear_config()
+  for name, spec in config.method_variants.items():
+    methods_lib.method_variant(name, spec)
+  return schedule, {m: methods_lib.get_method(m).options(run_options) for m in schedule.methods}
+
+
+def test_study_and_sweep_configs_resolve():
+  schedule, study = _methods("lifelong/study_cpu.gin")
+  assert schedule.names == ("wiki_en", "fortunes_intl", "dialog_en")
+  required = {"lifelong_moe", "finetune", "expand_only", "expand_freeze", "distill_only", "l2"}
+  required |= {"ewc", "multitask", "multitask_final", "dense_finetune"}
+  assert required <= set(study)
+  assert study["lifelong_moe_dw0.3"].distill_weight == 0.3
+  assert study["lifelong_moe_dw0.1"].distill_weight == 0.1
+  # The run's options pin the settings before the study; the chosen default is a variant.
+  assert study["lifelong_moe"].router_init == "copy"
+  defaults = methods_lib.MethodOptions()
+  chosen = study["lifelong_moe_offset2_src"]
+  for field in ("router_init", "router_offset", "new_slice_opt_state"):
+    assert getattr(chosen, field) == getattr(defaults, field), field
+  _, sweep = _methods("lifelong/study_cpu.gin", "lifelong/study_sweep.gin")
+  assert set(study) < set(sweep)
+  assert sweep["lifelong_moe_offset2_all"].balance_new_experts_only is True
+  assert sweep["lifelong_moe_offset2_all"].router_distill_weight == 1.0
