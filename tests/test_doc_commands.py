@@ -39,8 +39,9 @@ from typing import Callable
 
 import pytest
 
+from cli_env import COMPILE_CACHE, cli_env
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-COMPILE_CACHE = os.path.join("/tmp", "lifelong_moe_jax_test_xla_cache")
 TIMEOUT_S = 600
 
 # Unlabeled blocks are shell only when their first line starts with one of these programs (the
@@ -578,16 +579,7 @@ def _words(command: str, how: Run, tmp: str, data_dir: str) -> list[str]:
 
 
 def _env(data_dir: str) -> dict[str, str]:
-  env = dict(os.environ)
-  env.update(
-    XLA_FLAGS="--xla_force_host_platform_device_count=8",
-    NO_GCE_CHECK="true",
-    TF_CPP_MIN_LOG_LEVEL="2",
-    CUDA_VISIBLE_DEVICES="",
-    LIFELONG_MOE_DATA_DIR=data_dir,
-    JAX_COMPILATION_CACHE_DIR=COMPILE_CACHE,
-    JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-  )
+  env = cli_env(data_dir)
   for key in [k for k in env if k.startswith("SLURM_")]:
     del env[key]  # the SLURM dry run plans for its own #SBATCH sizes
   return env

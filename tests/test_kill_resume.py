@@ -29,6 +29,8 @@ from typing import Iterator
 
 import pytest
 
+from cli_env import COMPILE_CACHE, cli_env
+
 from lifelong_moe_jax.lifelong import report as report_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -36,7 +38,6 @@ SCHEDULE = "lifelong/tiny_test.gin"
 METHODS = "lifelong_moe,finetune"
 # The XLA cache of the other CLI tests (tests/test_trainer_cli.py): runs after the first load their
 # executables instead of compiling.
-COMPILE_CACHE = os.path.join("/tmp", "lifelong_moe_jax_test_xla_cache")
 SEED = 0
 KILLS = 5
 MIN_GAP = 0.08  # between two kills, as a fraction of the reference's time after start-up
@@ -62,17 +63,7 @@ def _command(model_dir: str, data_dir: str) -> list[str]:
 
 
 def _env() -> dict[str, str]:
-  env = dict(os.environ)
-  env.update(
-    XLA_FLAGS="--xla_force_host_platform_device_count=8",
-    NO_GCE_CHECK="true",
-    TF_CPP_MIN_LOG_LEVEL="2",
-    CUDA_VISIBLE_DEVICES="",
-  )
-  env.pop(
-    "JAX_COMPILATION_CACHE_DIR", None
-  )  # the runner's cache setting applies (and logs STARTED)
-  return env
+  return cli_env(compile_cache=False)  # the runner's cache setting applies (and logs STARTED)
 
 
 @contextlib.contextmanager

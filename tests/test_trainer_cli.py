@@ -21,6 +21,8 @@ import time
 import jax
 import numpy as np
 import pytest
+
+from cli_env import cli_env
 import tensorflow as tf
 
 from lifelong_moe_jax import checkpoint_manager
@@ -34,7 +36,6 @@ from lifelong_moe_jax.training import optimizers
 from lifelong_moe_jax.training import trainer as trainer_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-COMPILE_CACHE = os.path.join("/tmp", "lifelong_moe_jax_test_xla_cache")
 BASE_ARGS = [
   "--gin_file=models/tiny.gin",
   "--gin_file=runs/pretrain.gin",
@@ -64,17 +65,7 @@ TRAIN_SCALARS = (
 
 
 def _env(data_dir):
-  env = dict(os.environ)
-  env.update(
-    XLA_FLAGS="--xla_force_host_platform_device_count=8",
-    NO_GCE_CHECK="true",
-    TF_CPP_MIN_LOG_LEVEL="2",
-    CUDA_VISIBLE_DEVICES="",
-    LIFELONG_MOE_DATA_DIR=data_dir,
-    JAX_COMPILATION_CACHE_DIR=COMPILE_CACHE,
-    JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-  )
-  return env
+  return cli_env(data_dir)
 
 
 def _command(model_dir, train_steps, *extra):

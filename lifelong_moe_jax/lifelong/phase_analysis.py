@@ -244,7 +244,7 @@ def backfill(
   for method in methods:
     for index in range(len(layout.schedule.phases)):
       pdir = layout.phase_dir(method, index)
-      path = os.path.join(pdir, phase_results.RESULT_FILE)
+      path = layout.result_path(method, index)
       if not os.path.exists(path):
         break
       result = phase_results.read_json(path)
@@ -271,7 +271,7 @@ def backfill(
         else:
           result.update(start_entries(start))
           changed = True
-          previous = os.path.join(layout.phase_dir(method, index - 1), phase_results.RESULT_FILE)
+          previous = layout.result_path(method, index - 1)
           log_step0(
             method,
             layout.schedule.phases[index].name,

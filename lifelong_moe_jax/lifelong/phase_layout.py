@@ -71,6 +71,10 @@ class RunLayout:
       return os.path.join(self.model_dir, SHARED_DIR, folder)
     return os.path.join(self.model_dir, method, folder)
 
+  def result_path(self, method: str, index: int) -> str:
+    """The phase's ``phase_result.json`` (it exists once the phase is complete)."""
+    return os.path.join(self.phase_dir(method, index), phase_results.RESULT_FILE)
+
   def final_step_dir(self, method: str, index: int) -> str:
     """The final checkpoint of phase ``index`` of ``method`` (must exist)."""
     pdir, end = self.phase_dir(method, index), self.schedule.end_step(index)
@@ -109,7 +113,7 @@ class RunLayout:
     for method in names:
       phases = []
       for index in range(len(self.schedule.phases)):
-        path = os.path.join(self.phase_dir(method, index), phase_results.RESULT_FILE)
+        path = self.result_path(method, index)
         if not os.path.exists(path):
           break
         result = phase_results.read_json(path)

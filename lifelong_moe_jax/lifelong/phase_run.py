@@ -57,7 +57,7 @@ def completed_result(layout: RunLayout, method: str, index: int) -> dict[str, An
     LifelongError: the phase was trained (not shared) with other method options than now.
   """
   pdir = layout.phase_dir(method, index)
-  path = os.path.join(pdir, phase_results.RESULT_FILE)
+  path = layout.result_path(method, index)
   if not os.path.exists(path):
     return None
   done = phase_results.read_json(path)
@@ -85,7 +85,7 @@ def completed_result(layout: RunLayout, method: str, index: int) -> dict[str, An
 
 def previous_eval(layout: RunLayout, method: str, index: int) -> dict[str, Any] | None:
   """The evaluation after phase ``index - 1`` (None when its result is missing)."""
-  path = os.path.join(layout.phase_dir(method, index - 1), phase_results.RESULT_FILE)
+  path = layout.result_path(method, index - 1)
   return phase_results.read_json(path).get("eval") if os.path.exists(path) else None
 
 
@@ -171,9 +171,7 @@ def run_phase(runner: LifelongRunner, method: str, index: int) -> dict[str, Any]
     },
   )
   if jax.process_index() == 0:
-    phase_results.write_json_atomic(
-      os.path.join(layout.phase_dir(method, index), phase_results.RESULT_FILE), out
-    )
+    phase_results.write_json_atomic(layout.result_path(method, index), out)
   checkpoint_expansion.sync_processes(f"phase-done-{method}-{index}")
   return out
 

@@ -386,7 +386,7 @@ class LifelongRunner:
     return self.write_report()
 
   def _phase_complete(self, method: str, index: int) -> bool:
-    return os.path.exists(os.path.join(self.phase_dir(method, index), phase_results.RESULT_FILE))
+    return os.path.exists(self.layout.result_path(method, index))
 
   def write_report(self) -> dict[str, Any]:
     """Rebuilds ``report.json``, ``report.md`` and the PNGs from the phase results on disk."""
