@@ -319,7 +319,8 @@ WALL_CLOCK_KEYS = frozenset({"timing", "step_time", "tokens_per_second"})
 # Checkpoint files each process writes for its own shards (TensorStore / tf.data iterator).
 PER_PROCESS = re.compile(r"(array_metadatas/process_\d+|ocdbt\.process_\d+|process_\d+-of-\d+)")
 # Random parts of temporary names (tempfile suffixes, orbax / manifest tmp ids).
-RANDOM_TMP = re.compile(r"\.[A-Za-z0-9_]{8}\.tmp$|\.tmp-[0-9a-f]{32}$")
+# Temporary names carry a random part and (for report files) the writer's pid: ".name.<pid>.<rand>.tmp".
+RANDOM_TMP = re.compile(r"(\.[0-9]+)?\.[A-Za-z0-9_]{8}\.tmp$|\.tmp-[0-9a-f]{32}$")
 
 
 def _audited_env(data_dir: str, model_dir: str, log_dir: str) -> dict[str, str]:
