@@ -61,6 +61,11 @@ class MethodOptions:
       data over the new experts only (the all-expert term is replaced by one over the phase's new
       experts, ``distill.NewExpertBalance``), so the router is not paid to move traffic from old
       experts to new ones.
+    project_new_router_updates: methods that expand: every update of the phase's new router
+      columns is projected orthogonal to the mean router inputs of the earlier distributions
+      (``router_projection``; the means are measured when each phase starts, on the previous
+      phase's data, and saved with the phase), so the new columns' logits on an average
+      old-distribution token stay where the expansion put them.
   """
 
   expert_init: str = "copy"
@@ -82,6 +87,7 @@ class MethodOptions:
   router_distill_weight: float = 0.0
   balance_new_experts_only: bool = False
   teacher_capacity: str = "eval"
+  project_new_router_updates: bool = False
 
   def __post_init__(self):
     if self.expert_init not in ("copy", "random"):
@@ -138,11 +144,11 @@ class MethodOptions:
       raise MethodError(
         f"MethodOptions.teacher_capacity must be 'eval' or 'train', got {self.teacher_capacity!r}."
       )
-    if not isinstance(self.balance_new_experts_only, bool):
-      raise MethodError(
-        f"MethodOptions.balance_new_experts_only must be True or False, got "
-        f"{self.balance_new_experts_only!r}."
-      )
+    for name in ("balance_new_experts_only", "project_new_router_updates"):
+      if not isinstance(getattr(self, name), bool):
+        raise MethodError(
+          f"MethodOptions.{name} must be True or False, got {getattr(self, name)!r}."
+        )
 
   def to_dict(self) -> dict[str, Any]:
     return dataclasses.asdict(self)
@@ -158,4 +164,5 @@ LEGACY_OPTION_VALUES = {
   "router_distill_weight": 0.0,
   "balance_new_experts_only": False,
   "teacher_capacity": "eval",
+  "project_new_router_updates": False,
 }

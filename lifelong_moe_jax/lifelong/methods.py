@@ -56,6 +56,7 @@ from lifelong_moe_jax.lifelong import freeze
 from lifelong_moe_jax.lifelong import method_mixtures
 from lifelong_moe_jax.lifelong import new_expert_balance
 from lifelong_moe_jax.lifelong import penalties
+from lifelong_moe_jax.lifelong import router_projection
 from lifelong_moe_jax.lifelong.method_options import MethodError, MethodOptions
 from lifelong_moe_jax.lifelong.phase_record import PhaseRecord
 from lifelong_moe_jax.lifelong.schedule import LifelongSchedule
@@ -231,9 +232,17 @@ class Method:
 
   def prepare_phase_start(self, setup: PhaseSetup, start_dir: str) -> None:
     """Work saved with the phase's step-0 checkpoint in ``start_dir`` (the temporary phase folder,
-    renamed to ``setup.phase_dir`` once complete): the EWC Fisher of the previous phase."""
+    renamed to ``setup.phase_dir`` once complete): the EWC Fisher of the previous phase; the
+    earlier distributions' mean router inputs (``project_new_router_updates``)."""
     if self.penalty == "ewc":
       ewc_fisher.save_accumulated_fisher(self, setup, start_dir)
+    if self._projects_router(setup):
+      router_projection.save_accumulated_means(self, setup, start_dir)
+
+  def _projects_router(self, setup: PhaseSetup) -> bool:
+    return bool(
+      setup.options.project_new_router_updates and self.added_experts(setup.schedule, setup.index)
+    )
 
   def regularizers(self, setup: PhaseSetup) -> list[Any]:
     """Loss terms of phase ``setup.index``: distillation from / penalties towards the previous
@@ -278,29 +287,60 @@ class Method:
     return regs
 
   def optimizer_wrapper(self, setup: PhaseSetup) -> Callable[[Any], Any] | None:
-    """Freezing of earlier phases' experts and router columns (``freeze.with_frozen``)."""
-    if not self.freeze_old_experts or setup.record is None:
+    """Freezing of earlier phases' experts and router columns (``freeze.with_frozen``), then the
+    projection of the new router columns' updates (``project_new_router_updates``)."""
+    if setup.record is None:
+      return None
+    freezes, projects = self.freeze_old_experts, self._projects_router(setup)
+    if not (freezes or projects):
       return None
     phase = setup.schedule.phases[setup.index]
-    frozen = setup.record.experts_before(phase.name)
+    first_new = setup.record.experts_before(phase.name)
     model = lm.LanguageModel(
       self.model_config(setup.base_config, setup.schedule, setup.index, setup.options)
     )
     abstract = nn.unbox(model.abstract_params())
-    mask = freeze.freeze_mask(
-      abstract, model.params_logical_axes(), frozen, freeze_shared=setup.options.freeze_shared
-    )
-    frozen_entries, total = freeze.frozen_count(mask, abstract)
-    logging.info(
-      "[%s] phase %s: experts [0, %d) and their router columns frozen%s (%d of %d params).",
-      self.name,
-      phase.name,
-      frozen,
-      " + all shared params" if setup.options.freeze_shared else "",
-      frozen_entries,
-      total,
-    )
-    return lambda tx: freeze.with_frozen(tx, mask)
+    axes = model.params_logical_axes()
+    mask = None
+    if freezes:
+      mask = freeze.freeze_mask(
+        abstract, axes, first_new, freeze_shared=setup.options.freeze_shared
+      )
+      frozen_entries, total = freeze.frozen_count(mask, abstract)
+      logging.info(
+        "[%s] phase %s: experts [0, %d) and their router columns frozen%s (%d of %d params).",
+        self.name,
+        phase.name,
+        first_new,
+        " + all shared params" if setup.options.freeze_shared else "",
+        frozen_entries,
+        total,
+      )
+    bases = None
+    if projects:
+      means = router_projection.load_means(setup.phase_dir)
+      if means is None:
+        raise MethodError(
+          f"{setup.phase_dir} has no {router_projection.MEANS_FILE} (project_new_router_updates "
+          "was off when this phase started): delete the phase folder to rebuild its start."
+        )
+      bases = router_projection.orthonormal_bases(means)
+      logging.info(
+        "[%s] phase %s: updates of router columns [%d, ...) projected orthogonal to the mean "
+        "router inputs of %d earlier distribution(s).",
+        self.name,
+        phase.name,
+        first_new,
+        means.shape[0],
+      )
+
+    def wrap(tx):
+      tx = freeze.with_frozen(tx, mask) if mask is not None else tx
+      if bases is not None:
+        tx = router_projection.with_router_projection(tx, abstract, axes, bases, first_new)
+      return tx
+
+    return wrap
 
 
 METHODS: dict[str, Method] = {}
