@@ -178,3 +178,74 @@ def test_two_phase_run_keeps_new_columns_on_the_old_mean(tmp_path, prepared_data
       assert np.abs(end[..., :first] - start[..., :first]).max() > 1e-4
     with open(os.path.join(pdir, phase_results.RESULT_FILE)) as f:
       assert json.load(f)["options"]["project_new_router_updates"] is True
+
+
+def _setup(phase_dir, options):
+  from lifelong_moe_jax.lifelong import methods as methods_lib  # pylint: disable=import-outside-toplevel
+  from lifelong_moe_jax.lifelong.phase_record import PhaseRecord  # pylint: disable=import-outside-toplevel
+  from lifelong_moe_jax.lifelong.schedule import LifelongSchedule  # pylint: disable=import-outside-toplevel
+  from lifelong_moe_jax.models.config import ModelConfig  # pylint: disable=import-outside-toplevel
+
+  base = ModelConfig(
+    vocab_size=64, embed_dim=8, num_layers=2, num_heads=2, head_dim=4, mlp_dim=16, num_experts=2
+  )
+  schedule = LifelongSchedule(
+    phases=[
+      {"name": "a", "mixture": "lifelong_wiki_en", "steps": 2},
+      {"name": "b", "mixture": "lifelong_code_py", "steps": 2, "add_experts": 2},
+    ]
+  )
+  record = PhaseRecord.start(
+    "a", mixture="lifelong_wiki_en", steps=2, method="shared", num_experts=2
+  ).append_phase(
+    "b", mixture="lifelong_code_py", steps=2, method="lifelong_moe", add_experts=2, init="copy"
+  )
+  return methods_lib.PhaseSetup(
+    schedule=schedule,
+    index=1,
+    options=options,
+    base_config=base,
+    partitioner=partitioning.Partitioner(
+      partitioning.create_mesh(partitioning.MeshConfig(-1, 1, 1))
+    ),
+    data_dir=None,
+    phase_dir=str(phase_dir),
+    previous_phase_dir="/unused",
+    previous_params=lambda: {},
+    record=record,
+  )
+
+
+def test_optimizer_wrapper_freezes_then_projects_and_refuses_a_start_without_means(tmp_path):
+  from lifelong_moe_jax.lifelong import methods as methods_lib  # pylint: disable=import-outside-toplevel
+
+  options = method_options.MethodOptions(project_new_router_updates=True)
+  method = methods_lib.get_method("lifelong_moe")
+  with pytest.raises(method_options.MethodError, match="old_router_means.npy"):
+    method.optimizer_wrapper(_setup(tmp_path, options))
+  rng = np.random.default_rng(3)
+  means = rng.normal(size=(1, 1, 8))  # one earlier distribution, one MoE layer, embed 8
+  router_projection.save_means(str(tmp_path), means)
+  setup = _setup(tmp_path, options)
+  tx = method.optimizer_wrapper(setup)(optax.sgd(1.0))
+  model = lm.LanguageModel(method.model_config(setup.base_config, setup.schedule, 1, options))
+  params = jax.tree_util.tree_map(jnp.asarray, model.init(jax.random.PRNGKey(0)))
+  import flax.linen as nn  # pylint: disable=import-outside-toplevel
+
+  params = nn.unbox(params)
+  grads = jax.tree_util.tree_map(lambda x: jnp.ones_like(x), params)
+  updates, _ = tx.update(grads, tx.init(params), params)
+  (router,) = [
+    np.asarray(v)
+    for path, v in jax.tree_util.tree_flatten_with_path(updates)[0]
+    if "router" in jax.tree_util.keystr(path)
+  ]
+  np.testing.assert_array_equal(router[:, :2], 0.0)  # old columns frozen
+  np.testing.assert_allclose(means[0, 0] @ router[:, 2:], 0.0, atol=1e-5)  # new ones projected
+  np.testing.assert_allclose(
+    router[:, 2:], _numpy_projection(-np.ones((8, 4)), means[:, 0], 2)[:, 2:], atol=1e-5
+  )
+  # Without the option (or for a method that adds no experts) only freezing remains.
+  plain = method.optimizer_wrapper(_setup(tmp_path, method_options.MethodOptions()))
+  assert plain is not None
+  assert methods_lib.get_method("finetune").optimizer_wrapper(_setup(tmp_path, options)) is None
