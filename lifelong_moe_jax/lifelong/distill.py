@@ -133,9 +133,8 @@ class Distillation:
     router_weight: weight of the router-level term (0: off; the student's forward pass then
       captures nothing extra).
 
-  The teacher runs in eval mode (no router jitter) at the capacity factor of ``teacher_model``'s
-  config as eval mode uses it; ``methods`` passes a teacher whose eval capacity factor is the train
-  one (``MethodOptions.teacher_capacity = "train"``, the default) or the eval one ("eval").
+  The teacher runs in eval mode (no router jitter, eval capacity factor), i.e. exactly as the
+  previous phase's model is evaluated.
   """
 
   def __init__(

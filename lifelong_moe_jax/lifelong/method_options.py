@@ -54,11 +54,9 @@ class MethodOptions:
       ``KL(teacher routing || student routing over the old experts)`` per MoE layer on the
       current batch (``distill.router_distillation_loss``); 0 disables.
     teacher_capacity: methods that distill: the expert capacity of the teacher's forward pass,
-      "train" (``train_capacity_factor``, as the previous model was trained) or "eval"
-      (``eval_capacity_factor``, as it is evaluated). The teacher is deterministic either way (no
-      router jitter). Default "train": about 10% less step time on the demo model
-      (benchmarks/distill_step.py, issue 12's 1.3x budget) and the same quality in the study
-      (docs/study.md: variant lifelong_moe_offset2_src_tcap).
+      "eval" (``eval_capacity_factor``, as the previous model is evaluated) or "train"
+      (``train_capacity_factor``, as it was trained; about 10% less step time on the demo model,
+      benchmarks/distill_step.py). The teacher is deterministic either way (no router jitter).
     balance_new_experts_only: methods that expand: the load-balancing loss balances the new
       data over the new experts only (the all-expert term is replaced by one over the phase's new
       experts, ``distill.NewExpertBalance``), so the router is not paid to move traffic from old
@@ -88,7 +86,7 @@ class MethodOptions:
   phase_warmup_steps: int = 0
   router_distill_weight: float = 0.0
   balance_new_experts_only: bool = False
-  teacher_capacity: str = "train"
+  teacher_capacity: str = "eval"
   project_new_router_updates: bool = False
 
   def __post_init__(self):
