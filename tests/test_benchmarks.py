@@ -235,6 +235,7 @@ def test_distill_step_prints_the_ratio_and_a_live_kl(prepared_data_dir):
   )
   assert re.search(r"lifelong_moe \(teacher cf [0-9.]+\) .* last KL", out), out
   assert re.search(r"lifelong_moe / expand_freeze \(best teacher\): x[0-9.]+", out), out
-  assert re.search(r"\(default teacher, train capacity\): x[0-9.]+", out), out
+  assert re.search(r"\(default teacher, eval capacity\): x[0-9.]+", out), out
+  assert re.search(r"\(teacher_capacity='train'\): x[0-9.]+", out), out
   kl = re.search(r"lifelong_moe \(teacher einsum\) .* last KL ([0-9.]+)\)", out)
   assert kl and float(kl.group(1)) > 0, out  # teacher (random init) and student differ

@@ -55,8 +55,9 @@ class MethodOptions:
       current batch (``distill.router_distillation_loss``); 0 disables.
     teacher_capacity: methods that distill: the expert capacity of the teacher's forward pass,
       "eval" (``eval_capacity_factor``, as the previous model is evaluated) or "train"
-      (``train_capacity_factor``, as it was trained; about 10% less step time on the demo model,
-      benchmarks/distill_step.py). The teacher is deterministic either way (no router jitter).
+      (``train_capacity_factor``, as it was trained). The teacher is deterministic either way (no
+      router jitter). On the demo model both cost the same step time on a quiet machine and give
+      the same quality in the study (docs/performance.md, docs/study.md).
     balance_new_experts_only: methods that expand: the load-balancing loss balances the new
       data over the new experts only (the all-expert term is replaced by one over the phase's new
       experts, ``distill.NewExpertBalance``), so the router is not paid to move traffic from old
