@@ -108,13 +108,12 @@ def build_phase_start(
 
   def router_input_mean(model: lm.LanguageModel, params: PyTree) -> Any:
     # The new phase's own data only (never earlier phases', even for replay mixtures).
-    return router_input.measure_router_input_mean(
+    return router_input.measure_phase_data_mean(
       model,
       params,
       partitioner,
-      phase.mixture,
-      schedule.task_feature_lengths,
-      schedule.eval_batch,
+      schedule,
+      index,
       options.usage_batches,
       data_dir=data_dir,
       data_shards=layout.data_shards,

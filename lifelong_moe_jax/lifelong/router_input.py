@@ -72,3 +72,29 @@ def measure_router_input_mean(
   if np.any(count <= 0):
     raise ValueError(f"No routed token in {num_batches} train batches of {mixture!r}.")
   return totals["router_input_sum"] / count[:, None]
+
+
+def measure_phase_data_mean(
+  model: lm.LanguageModel,
+  params: PyTree,
+  partitioner: partitioning.Partitioner,
+  schedule: Any,
+  index: int,
+  num_batches: int,
+  data_dir: str | None = None,
+  data_shards: int | None = None,
+) -> np.ndarray:
+  """``measure_router_input_mean`` on the own distribution of phase ``index`` of a
+  ``LifelongSchedule`` (``phases[index].mixture``, never a replay or joint mixture), with the
+  schedule's feature lengths and eval batch size."""
+  return measure_router_input_mean(
+    model,
+    params,
+    partitioner,
+    schedule.phases[index].mixture,
+    schedule.task_feature_lengths,
+    schedule.eval_batch,
+    num_batches,
+    data_dir=data_dir,
+    data_shards=data_shards,
+  )

@@ -81,11 +81,10 @@ def _project_leaf(u: jax.Array, basis: jax.Array, embed_axis: int, expert_axis: 
   return jnp.moveaxis(x, (-2, -1), (embed_axis, expert_axis))
 
 
-def router_leaf_bases(params: PyTree, params_axes: PyTree, bases: np.ndarray) -> dict[str, Any]:
-  """``{router leaf key: (basis, embed_axis, expert_axis)}`` for every router kernel of
-  ``params`` (``bases``: ``[M, embed, r]`` from ``orthonormal_bases``, in ``collect_moe_stats``'s
-  layer order)."""
-  _, infos = param_tree.flatten_with_axes(params, params_axes)
+def router_leaf_bases(infos: list[param_tree.LeafInfo], bases: np.ndarray) -> dict[str, Any]:
+  """``{router leaf key: (basis, embed_axis, expert_axis)}`` for every router kernel among
+  ``infos`` (``param_tree.flatten_with_axes``; ``bases``: ``[M, embed, r]`` from
+  ``orthonormal_bases``, in ``collect_moe_stats``'s layer order)."""
   routers = [i for i in infos if expansion.is_router_leaf(i)]
   if not routers:
     raise ValueError("No router kernel (logical axes ('embed', 'expert')) in params.")
@@ -120,8 +119,8 @@ def with_router_projection(
     bases: ``orthonormal_bases(means)``.
     first_new_expert: the first expert of the phase (earlier columns are left as they are).
   """
-  leaf_bases = router_leaf_bases(params, params_axes, bases)
   treedef, infos = param_tree.flatten_with_axes(params, params_axes)
+  leaf_bases = router_leaf_bases(infos, bases)
   keys = [i.key for i in infos]
   tx = optax.with_extra_args_support(tx)
 
@@ -166,13 +165,12 @@ def save_accumulated_means(method: Method, setup: PhaseSetup, start_dir: str) ->
   prev_model = lm.LanguageModel(
     method.model_config(setup.base_config, schedule, setup.index - 1, options)
   )
-  mean = router_input.measure_router_input_mean(
+  mean = router_input.measure_phase_data_mean(
     prev_model,
     setup.previous_params(),
     setup.partitioner,
-    schedule.phases[setup.index - 1].mixture,
-    schedule.task_feature_lengths,
-    schedule.eval_batch,
+    schedule,
+    setup.index - 1,
     options.usage_batches,
     data_dir=setup.data_dir,
     data_shards=setup.data_shards,
