@@ -30,7 +30,13 @@ import jax
 import jax.numpy as jnp
 
 from lifelong_moe_jax.models import router_probe
-from lifelong_moe_jax.models.lm import Batch, LanguageModel, loss_weights_of, token_mask_of
+from lifelong_moe_jax.models.lm import (
+  Batch,
+  LanguageModel,
+  log_normalizer,
+  loss_weights_of,
+  token_mask_of,
+)
 
 Array = jax.Array
 
@@ -52,6 +58,37 @@ class Regularizer(Protocol):
   def __call__(
     self, params: Any, batch: Batch, student_logits: Array, aux_state: Any, rng: Array | None
   ) -> tuple[Array, dict[str, Array]]: ...
+
+
+@jax.custom_vjp
+def token_kl(student_logits: Array, teacher_logits: Array) -> Array:
+  """``KL(softmax(teacher) || softmax(student))`` per position: ``[..., vocab] -> [...]``.
+
+  Forward ``sum_v p_v (t_v - s_v) - lse(t) + lse(s)`` and backward ``(softmax(s) - p) * g`` are
+  each one fused pass over the logits, with no ``[..., vocab]`` log-probabilities kept for the
+  backward pass (the autodiff of ``sum p (log p - log_softmax(s))`` made the KL cost as much as the
+  teacher's forward pass; benchmarks/distill_step.py). The teacher gets a zero cotangent: callers
+  wrap it in ``stop_gradient``. float32 in, float32 out.
+  """
+  return _token_kl_fwd(student_logits, teacher_logits)[0]
+
+
+def _token_kl_fwd(student_logits, teacher_logits):
+  lse_s = log_normalizer(student_logits)
+  lse_t = log_normalizer(teacher_logits)
+  p = jnp.exp(teacher_logits - lse_t[..., None])
+  kl = jnp.sum(p * (teacher_logits - student_logits), axis=-1) - lse_t + lse_s
+  return kl, (student_logits, teacher_logits, lse_s, lse_t)
+
+
+def _token_kl_bwd(residuals, g):
+  student_logits, teacher_logits, lse_s, lse_t = residuals
+  q = jnp.exp(student_logits - lse_s[..., None])
+  p = jnp.exp(teacher_logits - lse_t[..., None])
+  return (q - p) * g[..., None], jnp.zeros_like(teacher_logits)
+
+
+token_kl.defvjp(_token_kl_fwd, _token_kl_bwd)
 
 
 def distillation_loss(
@@ -79,9 +116,7 @@ def distillation_loss(
   t = jnp.float32(temperature)
   teacher = jax.lax.stop_gradient(teacher_logits).astype(jnp.float32) / t
   student = student_logits.astype(jnp.float32) / t
-  log_p = jax.nn.log_softmax(teacher, axis=-1)
-  log_q = jax.nn.log_softmax(student, axis=-1)
-  kl = jnp.sum(jnp.exp(log_p) * (log_p - log_q), axis=-1)  # [batch, length]
+  kl = token_kl(student, teacher)  # [batch, length]
   weights = weights.astype(jnp.float32)
   return t * t * jnp.sum(kl * weights) / jnp.maximum(jnp.sum(weights), 1.0)
 
@@ -112,9 +147,7 @@ def router_distillation_loss(
     )
   teacher = jax.lax.stop_gradient(teacher_router_logits).astype(jnp.float32)
   student = student_router_logits[..., :e_t].astype(jnp.float32)
-  log_p = jax.nn.log_softmax(teacher, axis=-1)
-  log_q = jax.nn.log_softmax(student, axis=-1)
-  kl = jnp.sum(jnp.exp(log_p) * (log_p - log_q), axis=-1)  # [M, G, S]
+  kl = token_kl(student, teacher)  # [M, G, S]
   weights = token_mask.astype(jnp.float32).reshape(kl.shape[1:])
   per_layer = jnp.sum(kl * weights, axis=(1, 2)) / jnp.maximum(jnp.sum(weights), 1.0)
   return jnp.mean(per_layer)
