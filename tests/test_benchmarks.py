@@ -153,8 +153,8 @@ def test_mfu_reports_achieved_flops_on_cpu():
     assert re.search(rf"{dispatch} +step +[0-9.]+ ms .* GFLOP/s +MFU n/a", out), out
 
 
-def test_router_init_step0_prints_the_step0_table(prepared_data_dir, tmp_path):
-  """A tiny MoE trained 2 steps here, expanded with every router_init and evaluated before/after."""
+def _tiny_moe_checkpoint(prepared_data_dir, tmp_path) -> str:
+  """A tiny MoE (2 experts) trained 2 steps here and saved as a run; returns the run dir."""
   import dataclasses  # pylint: disable=import-outside-toplevel
   import numpy as np  # pylint: disable=import-outside-toplevel
   from lifelong_moe_jax import checkpoint_manager  # pylint: disable=import-outside-toplevel
@@ -200,6 +200,12 @@ def test_router_init_step0_prints_the_step0_table(prepared_data_dir, tmp_path):
       "vocabulary_fingerprint": vocab_lib.vocabulary_fingerprint(vocab),
     },
   )
+  return model_dir
+
+
+def test_router_init_step0_prints_the_step0_table(prepared_data_dir, tmp_path):
+  """A tiny MoE trained 2 steps here, expanded with every router_init and evaluated before/after."""
+  model_dir = _tiny_moe_checkpoint(prepared_data_dir, tmp_path)
   out = _run(
     "router_init_step0.py",
     prepared_data_dir,
@@ -219,6 +225,35 @@ def test_router_init_step0_prints_the_step0_table(prepared_data_dir, tmp_path):
     assert re.search(
       rf"\| {label} \| [+-][0-9.]+% \| [0-9.]+% \| [+-][0-9.]+% \| [0-9.]+% \|", out
     ), out
+
+
+def test_router_separability_prints_probe_rows(prepared_data_dir, tmp_path):
+  """Probes on the tiny MoE's router inputs: one row per MoE layer and pair, values in range."""
+  import json  # pylint: disable=import-outside-toplevel
+
+  model_dir = _tiny_moe_checkpoint(prepared_data_dir, tmp_path)
+  out_json = str(tmp_path / "sep.json")
+  out = _run(
+    "router_separability.py",
+    prepared_data_dir,
+    f"--checkpoint={model_dir}",
+    f"--data_dir={prepared_data_dir}",
+    "--tasks=lifelong_wiki_en,lifelong_code_py",
+    "--batches=2",
+    "--eval_batch=2",
+    "--length=32",
+    "--probe_steps=50",
+    f"--json={out_json}",
+  )
+  assert re.search(r"\| 0 \| lifelong_wiki_en \| lifelong_code_py \| [0-9.]+% \|", out), out
+  with open(out_json) as f:
+    rows = json.load(f)["rows"]
+  assert [r["layer"] for r in rows] == [0]  # 2 layers, MoE every 2nd: one MoE layer
+  row = rows[0]
+  assert 0.0 <= row["b_share_at_a_5pct"] <= row["b_share_at_a_10pct"] <= 1.0
+  assert 0.5 < row["balanced_accuracy"] <= 1.0  # trained on these tokens' inputs: above chance
+  assert 0.0 <= row["b_energy_outside_a_99"] <= row["b_energy_outside_a_90"] <= 1.0
+  assert 1 <= row["a_rank_90"] <= row["a_rank_99"] <= 16
 
 
 def test_distill_step_prints_the_ratio_and_a_live_kl(prepared_data_dir):

@@ -464,6 +464,14 @@ REGISTRY: dict[str, Run | Elsewhere | Excluded] = {
       "--router_offsets=",
     ),
   ),
+  "python benchmarks/router_separability.py --checkpoint runs/study/shared/phase_0_wiki_en "
+  "--data_dir ./data_study --tasks lifelong_wiki_en,lifelong_fortunes_intl,lifelong_dialog_en": (
+    Elsewhere(
+      # on a tiny run of its own: the study's checkpoint and data_study come from `make study`
+      "tests/test_benchmarks.py::test_router_separability_prints_probe_rows",
+      ('"router_separability.py"', "--checkpoint=", "--data_dir=", "--tasks="),
+    )
+  ),
   # --- not run by the test suite ----------------------------------------------------------------
   "make demo": Excluded(
     "CI runs `make demo` after `make test` (about 15 min on 2 cores); the same CLI runs the same "

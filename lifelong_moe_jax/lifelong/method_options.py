@@ -67,6 +67,12 @@ class MethodOptions:
       (``router_projection``; the means are measured when each phase starts, on the previous
       phase's data, and saved with the phase), so the new columns' logits on an average
       old-distribution token stay where the expansion put them.
+    router_rehearsal_weight: methods that add experts: weight of the router rehearsal
+      (``router_rehearsal``): on the batch, ``-log`` of the router probability of the new experts;
+      on synthetic inputs drawn from Gaussians of the earlier distributions' router inputs
+      (measured when each phase starts, on the previous phase's data, and saved with the phase),
+      ``-log`` of the old experts' probability; 0 disables.
+    router_rehearsal_samples: synthetic inputs per earlier distribution and MoE layer per step.
   """
 
   expert_init: str = "copy"
@@ -89,6 +95,8 @@ class MethodOptions:
   balance_new_experts_only: bool = False
   teacher_capacity: str = "eval"
   project_new_router_updates: bool = False
+  router_rehearsal_weight: float = 0.0
+  router_rehearsal_samples: int = 256
 
   def __post_init__(self):
     if self.expert_init not in ("copy", "random"):
@@ -138,7 +146,17 @@ class MethodOptions:
         f"MethodOptions.new_slice_opt_state must be one of "
         f"{expansion.NEW_SLICE_STATES}, got {self.new_slice_opt_state!r}."
       )
-    for name in ("router_offset", "router_distill_weight", "phase_warmup_steps"):
+    if self.router_rehearsal_samples <= 0:
+      raise MethodError(
+        f"MethodOptions.router_rehearsal_samples must be positive, got "
+        f"{self.router_rehearsal_samples}."
+      )
+    for name in (
+      "router_offset",
+      "router_distill_weight",
+      "phase_warmup_steps",
+      "router_rehearsal_weight",
+    ):
       if getattr(self, name) < 0:
         raise MethodError(f"MethodOptions.{name} must be >= 0, got {getattr(self, name)}.")
     if self.teacher_capacity not in ("eval", "train"):
@@ -166,4 +184,6 @@ LEGACY_OPTION_VALUES = {
   "balance_new_experts_only": False,
   "teacher_capacity": "eval",
   "project_new_router_updates": False,
+  "router_rehearsal_weight": 0.0,
+  "router_rehearsal_samples": 256,
 }

@@ -57,6 +57,7 @@ from lifelong_moe_jax.lifelong import method_mixtures
 from lifelong_moe_jax.lifelong import new_expert_balance
 from lifelong_moe_jax.lifelong import penalties
 from lifelong_moe_jax.lifelong import router_projection
+from lifelong_moe_jax.lifelong import router_rehearsal
 from lifelong_moe_jax.lifelong.method_options import MethodError, MethodOptions
 from lifelong_moe_jax.lifelong.phase_record import PhaseRecord
 from lifelong_moe_jax.lifelong.schedule import LifelongSchedule
@@ -233,11 +234,19 @@ class Method:
   def prepare_phase_start(self, setup: PhaseSetup, start_dir: str) -> None:
     """Work saved with the phase's step-0 checkpoint in ``start_dir`` (the temporary phase folder,
     renamed to ``setup.phase_dir`` once complete): the EWC Fisher of the previous phase; the
-    earlier distributions' mean router inputs (``project_new_router_updates``)."""
+    earlier distributions' mean router inputs (``project_new_router_updates``) and router-input
+    moments (``router_rehearsal_weight``)."""
     if self.penalty == "ewc":
       ewc_fisher.save_accumulated_fisher(self, setup, start_dir)
     if self._projects_router(setup):
       router_projection.save_accumulated_means(self, setup, start_dir)
+    if self._rehearses_router(setup):
+      router_rehearsal.save_accumulated_moments(self, setup, start_dir)
+
+  def _rehearses_router(self, setup: PhaseSetup) -> bool:
+    return bool(
+      setup.options.router_rehearsal_weight > 0 and self.added_experts(setup.schedule, setup.index)
+    )
 
   def _projects_router(self, setup: PhaseSetup) -> bool:
     return bool(
@@ -247,13 +256,16 @@ class Method:
   def regularizers(self, setup: PhaseSetup) -> list[Any]:
     """Loss terms of phase ``setup.index``: distillation from / penalties towards the previous
     phase's final params (router-level distillation with ``router_distill_weight``), and the
-    new-expert load balance (``balance_new_experts_only``, methods that add experts)."""
+    new-expert load balance (``balance_new_experts_only``) and the router rehearsal
+    (``router_rehearsal_weight``), methods that add experts."""
     options = setup.options
     regs: list[Any] = []
     added = self.added_experts(setup.schedule, setup.index)
     if options.balance_new_experts_only and added:
       config = self.model_config(setup.base_config, setup.schedule, setup.index, options)
       regs.append(new_expert_balance.NewExpertBalance(config, config.num_experts - added))
+    if self._rehearses_router(setup):
+      regs.append(self._router_rehearsal(setup, added))
     if not (self.distill or self.penalty):
       return regs
     prev_config = self.model_config(setup.base_config, setup.schedule, setup.index - 1, options)
@@ -285,6 +297,33 @@ class Method:
         penalties.EWCPenalty(options.ewc_weight, penalties.ewc_anchor(prev_params, fisher))
       )
     return regs
+
+  def _router_rehearsal(self, setup: PhaseSetup, added: int) -> Any:
+    """The ``RouterRehearsal`` of a phase, on the moments saved with its start."""
+    moments = router_rehearsal.load_moments(setup.phase_dir)
+    if moments is None:
+      raise MethodError(
+        f"{setup.phase_dir} has no {router_rehearsal.MOMENTS_FILE} (router_rehearsal_weight was 0 "
+        "when this phase started): delete the phase folder to rebuild its start."
+      )
+    config = self.model_config(setup.base_config, setup.schedule, setup.index, setup.options)
+    model = lm.LanguageModel(config)
+    logging.info(
+      "[%s] phase %d: router rehearsal against %d earlier distribution(s), weight %g.",
+      self.name,
+      setup.index,
+      moments[0].shape[0],
+      setup.options.router_rehearsal_weight,
+    )
+    return router_rehearsal.RouterRehearsal(
+      config,
+      config.num_experts - added,
+      nn.unbox(model.abstract_params()),
+      model.params_logical_axes(),
+      *moments,
+      weight=setup.options.router_rehearsal_weight,
+      num_samples=setup.options.router_rehearsal_samples,
+    )
 
   def optimizer_wrapper(self, setup: PhaseSetup) -> Callable[[Any], Any] | None:
     """Freezing of earlier phases' experts and router columns (``freeze.with_frozen``), then the

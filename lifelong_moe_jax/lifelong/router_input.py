@@ -1,10 +1,12 @@
-"""Mean router input per MoE layer on a task's data: the ``mu`` of ``router_init="copy_offset"``.
+"""Router-input moments per MoE layer on a task's data: the ``mu`` of ``router_init="copy_offset"``,
+the earlier distributions' statistics of the router projection and the router rehearsal.
 
-``measure_router_input_mean`` runs a model (the previous phase's, in eval mode) over the first
+``measure_router_input_moments`` runs a model (the previous phase's, in eval mode) over the first
 ``num_batches`` packed, unshuffled train batches of a task or mixture and returns, per MoE layer,
 the mean over real tokens of the router's input (the MoE layer's normalised input), float64
-``[num_moe_layers, embed]`` in ``lm.collect_moe_stats``'s layer order. A lifelong phase measures it
-on the new phase's own data only.
+``[num_moe_layers, embed]``, and its second moment ``E[x x^T]``, ``[num_moe_layers, embed, embed]``,
+in ``lm.collect_moe_stats``'s layer order. A lifelong phase measures them on one phase's own data
+only.
 """
 
 from __future__ import annotations
@@ -26,18 +28,19 @@ PyTree = Any
 def router_input_sums(
   model: lm.LanguageModel, params: PyTree, batch: Mapping[str, jax.Array]
 ) -> dict[str, jax.Array]:
-  """Per-batch sums (eval mode): ``token_sums`` plus ``router_input_sum [M, embed]`` and
-  ``router_token_count [M]``."""
+  """Per-batch sums (eval mode): ``token_sums`` plus ``router_input_sum [M, embed]``,
+  ``router_input_gram [M, embed, embed]`` and ``router_token_count [M]``."""
   with router_probe.capture_router(logits=False, inputs=True):
     logits, intermediates, _ = model.apply(params, batch)
   out = losses.token_sums(logits, batch)
   stats = router_probe.collect_router_stats(intermediates, model.config)
   out["router_input_sum"] = stats[router_probe.ROUTER_INPUT_SUM]
+  out["router_input_gram"] = stats[router_probe.ROUTER_INPUT_GRAM]
   out["router_token_count"] = stats[router_probe.ROUTER_TOKEN_COUNT]
   return out
 
 
-def measure_router_input_mean(
+def measure_router_input_moments(
   model: lm.LanguageModel,
   params: PyTree,
   partitioner: partitioning.Partitioner,
@@ -47,16 +50,17 @@ def measure_router_input_mean(
   num_batches: int,
   data_dir: str | None = None,
   data_shards: int | None = None,
-) -> np.ndarray:
-  """float64 ``[num_moe_layers, embed]``: mean router input over the real tokens of the first
-  ``num_batches`` train batches of ``mixture`` (global batches assembled from ``data_shards``
-  input shards, default the process count; see ``loss_eval.Evaluator``).
+) -> tuple[np.ndarray, np.ndarray]:
+  """``(mean [M, embed], second moment [M, embed, embed])``, float64: ``E[x]`` and ``E[x x^T]`` of
+  the router input over the real tokens of the first ``num_batches`` train batches of ``mixture``
+  (global batches assembled from ``data_shards`` input shards, default the process count; see
+  ``loss_eval.Evaluator``).
 
   Raises:
     ValueError: a dense model, or no routed token.
   """
   if not model.config.is_moe:
-    raise ValueError("measure_router_input_mean needs an MoE model.")
+    raise ValueError("Router-input moments need an MoE model.")
   evaluator = loss_eval.Evaluator(
     model,
     partitioner,
@@ -71,10 +75,18 @@ def measure_router_input_mean(
   count = totals["router_token_count"]
   if np.any(count <= 0):
     raise ValueError(f"No routed token in {num_batches} train batches of {mixture!r}.")
-  return totals["router_input_sum"] / count[:, None]
+  return totals["router_input_sum"] / count[:, None], totals["router_input_gram"] / count[
+    :, None, None
+  ]
 
 
-def measure_phase_data_mean(
+def measure_router_input_mean(*args, **kwargs) -> np.ndarray:
+  """float64 ``[num_moe_layers, embed]``: the mean of ``measure_router_input_moments`` (same
+  arguments)."""
+  return measure_router_input_moments(*args, **kwargs)[0]
+
+
+def measure_phase_data_moments(
   model: lm.LanguageModel,
   params: PyTree,
   partitioner: partitioning.Partitioner,
@@ -83,11 +95,11 @@ def measure_phase_data_mean(
   num_batches: int,
   data_dir: str | None = None,
   data_shards: int | None = None,
-) -> np.ndarray:
-  """``measure_router_input_mean`` on the own distribution of phase ``index`` of a
+) -> tuple[np.ndarray, np.ndarray]:
+  """``measure_router_input_moments`` on the own distribution of phase ``index`` of a
   ``LifelongSchedule`` (``phases[index].mixture``, never a replay or joint mixture), with the
   schedule's feature lengths and eval batch size."""
-  return measure_router_input_mean(
+  return measure_router_input_moments(
     model,
     params,
     partitioner,
@@ -98,3 +110,9 @@ def measure_phase_data_mean(
     data_dir=data_dir,
     data_shards=data_shards,
   )
+
+
+def measure_phase_data_mean(*args, **kwargs) -> np.ndarray:
+  """float64 ``[num_moe_layers, embed]``: the mean of ``measure_phase_data_moments`` (same
+  arguments)."""
+  return measure_phase_data_moments(*args, **kwargs)[0]

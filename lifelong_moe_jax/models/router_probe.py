@@ -7,8 +7,11 @@ own statistics,
 
 * ``router_logits`` float32 ``[G, S, E]``: ``x @ kernel`` of the router's input groups ``x``
   (``[G, S, embed]``, the MoE layer's input regrouped; ``G * S = batch * length`` in token order), and
-* ``router_input_sum`` float32 ``[embed]`` and ``router_token_count`` float32 ``[]``: the sum of the
-  router inputs over real (``token_mask``) tokens and their number.
+* ``router_input_sum`` float32 ``[embed]``, ``router_input_gram`` float32 ``[embed, embed]`` and
+  ``router_token_count`` float32 ``[]``: the sum of the router inputs over real (``token_mask``)
+  tokens, the sum of their outer products ``x x^T``, and their number.
+
+* ``router_inputs`` float32 ``[G, S, embed]`` (``token_inputs=True``): the router inputs themselves.
 
 The logits are recomputed from the router's (unjittered) input and kernel, so in training with
 ``router_jitter > 0`` they are the jitter-free logits; the routing itself is unchanged.
@@ -34,10 +37,18 @@ Array = jax.Array
 ROUTER_LOGITS = "router_logits"
 ROUTER_INPUT_SUM = "router_input_sum"
 ROUTER_TOKEN_COUNT = "router_token_count"
-ROUTER_STATS = (ROUTER_LOGITS, ROUTER_INPUT_SUM, ROUTER_TOKEN_COUNT)
+ROUTER_INPUT_GRAM = "router_input_gram"
+ROUTER_INPUTS = "router_inputs"
+ROUTER_STATS = (
+  ROUTER_LOGITS,
+  ROUTER_INPUT_SUM,
+  ROUTER_INPUT_GRAM,
+  ROUTER_TOKEN_COUNT,
+  ROUTER_INPUTS,
+)
 
 
-def _interceptor(logits: bool, inputs: bool):
+def _interceptor(logits: bool, inputs: bool, token_inputs: bool):
   def intercept(next_fun, args, kwargs, context):
     out = next_fun(*args, **kwargs)
     module = context.module
@@ -47,10 +58,13 @@ def _interceptor(logits: bool, inputs: bool):
     if logits:
       kernel = module.get_variable("params", "kernel")
       module.sow("intermediates", ROUTER_LOGITS, jnp.einsum("gsd,de->gse", x, kernel))
+    if token_inputs:
+      module.sow("intermediates", ROUTER_INPUTS, x)
     if inputs:
       mask = kwargs.get("token_mask")
       weights = jnp.ones(x.shape[:2], jnp.float32) if mask is None else mask.astype(jnp.float32)
       module.sow("intermediates", ROUTER_INPUT_SUM, jnp.einsum("gsd,gs->d", x, weights))
+      module.sow("intermediates", ROUTER_INPUT_GRAM, jnp.einsum("gsd,gse,gs->de", x, x, weights))
       module.sow("intermediates", ROUTER_TOKEN_COUNT, jnp.sum(weights))
     return out
 
@@ -58,14 +72,18 @@ def _interceptor(logits: bool, inputs: bool):
 
 
 @contextlib.contextmanager
-def capture_router(*, logits: bool = True, inputs: bool = False) -> Iterator[None]:
+def capture_router(
+  *, logits: bool = True, inputs: bool = False, token_inputs: bool = False
+) -> Iterator[None]:
   """Within this context, model applies also sow router logits and/or router-input sums.
 
   Args:
     logits: sow ``router_logits`` ``[G, S, E]`` per MoE layer.
-    inputs: sow ``router_input_sum`` ``[embed]`` and ``router_token_count`` ``[]`` per MoE layer.
+    inputs: sow ``router_input_sum`` ``[embed]``, ``router_input_gram`` ``[embed, embed]`` and
+      ``router_token_count`` ``[]`` per MoE layer.
+    token_inputs: sow ``router_inputs`` ``[G, S, embed]`` per MoE layer.
   """
-  with nn.intercept_methods(_interceptor(logits, inputs)):
+  with nn.intercept_methods(_interceptor(logits, inputs, token_inputs)):
     yield
 
 

@@ -13,7 +13,9 @@ anchor params): it owns an auxiliary state (teacher params, anchors, Fisher diag
 ``init_state`` and passed into the jitted step as an argument, sharded by the logical axes it
 declares and never differentiated. A regularizer with ``uses_router_logits = True`` (router-level
 distillation, the new-expert load balance) makes the forward pass also capture every MoE layer's
-router logits (``models.router_probe``) and receives ``intermediates=`` as a keyword argument.
+router logits (``models.router_probe``) and receives ``intermediates=`` as a keyword argument; one
+that also sets ``uses_router_inputs = True`` (the router rehearsal) gets the router inputs
+themselves captured too.
 """
 
 from __future__ import annotations
@@ -130,7 +132,10 @@ def training_loss(
   """
   model_rng, reg_rng = jax.random.split(rng)
   capture = any(getattr(reg, "uses_router_logits", False) for reg in regularizers)
-  with router_probe.capture_router() if capture else contextlib.nullcontext():
+  token_inputs = any(getattr(reg, "uses_router_inputs", False) for reg in regularizers)
+  with (
+    router_probe.capture_router(token_inputs=token_inputs) if capture else contextlib.nullcontext()
+  ):
     logits, intermediates, _ = model.apply(params, batch, train=True, rng=model_rng)
   loss, metrics = model.loss_from_logits(logits, intermediates, batch)
   metrics = dict(metrics, model_loss=loss)

@@ -15,7 +15,6 @@ already has checkpoints their vocabulary and input pipeline. Then the run config
 from __future__ import annotations
 
 import dataclasses
-import gc
 import os
 import time
 from typing import Any, Callable, Mapping, Sequence
@@ -34,6 +33,7 @@ from lifelong_moe_jax.models import lm
 from lifelong_moe_jax.models.config import ModelConfig
 from lifelong_moe_jax.training import losses
 from lifelong_moe_jax.training import optimizers
+from lifelong_moe_jax.training import pipeline_release
 from lifelong_moe_jax.training import summaries
 from lifelong_moe_jax.training import train_state as ts
 from lifelong_moe_jax.training import trainer as trainer_lib
@@ -62,7 +62,8 @@ class TrainResult:
     trainer: the ``Trainer`` (model, partitioner, shardings) for follow-up work.
     teardown: seconds spent after the last step: ``checkpoint_wait_s`` (async saves finishing),
       ``close_s`` (checkpointer and writers closed, manifests written), ``pipeline_release_s``
-      (the tf.data input pipeline and its threads torn down).
+      (the tf.data iterator handed to its release thread, ``pipeline_release.release_in_background``),
+      which also runs a garbage collection for reference cycles left behind.
   """
 
   state: ts.TrainState
@@ -430,14 +431,15 @@ def train_model(
     train_writer.close()
     eval_writer.close()
     teardown["close_s"] = time.perf_counter() - t_close
-    # Release the input pipeline here, timed, instead of whenever its last reference goes away.
+    # The tf.data iterator is torn down in a background thread: its deletion sometimes blocked
+    # the caller for 40-50 s after the last step (docs/performance.md), with nothing to wait for.
     t_release = time.perf_counter()
+    pipeline_release.release_in_background(data_iter)
     data_iter = ds = None  # noqa: F841
-    gc.collect()
     teardown["pipeline_release_s"] = time.perf_counter() - t_release
   summaries.log_info(
     "Finished at step %d; checkpoints in %s (after the last step: checkpoint "
-    "wait %.1f s, close %.1f s, input pipeline release %.1f s).",
+    "wait %.1f s, close %.1f s, input pipeline handed to a release thread %.1f s).",
     int(state.step),
     checkpointer.directory,
     teardown.get("checkpoint_wait_s", 0.0),

@@ -1,0 +1,313 @@
+"""Router rehearsal: the new router columns learn to tell the new data from Gaussian stand-ins of
+the earlier distributions' router inputs (``MethodOptions.router_rehearsal_weight``).
+
+The study (docs/study.md) found that the router trained on new data only gets no signal that
+separates old tokens from new ones, so the new experts take the same share of every distribution.
+A linear probe on the router input of the phase-A model, trained with both distributions' labels,
+does separate them in part (docs/study.md, "Can a router separate the distributions?"). This
+mechanism gives the router that contrast without old data: when a phase starts, the mean and
+second moment of the previous phase's router inputs (its own train data, its final params) are
+measured and appended to those saved with the previous phase, like EWC's Fisher or the router
+projection's means (``<phase folder>/old_router_moments.npz``: ``mean [P, M, embed]``,
+``second_moment [P, M, embed, embed]``). In every step, per MoE layer m,
+
+    P_new(x) = sum_{e >= E_old} softmax(x W_m)_e                      (W_m: the router kernel)
+    new  = mean over the batch's real tokens of  -log P_new(x)           (x: the step's router inputs)
+    old  = mean over synthetic x ~ N(mu_{p,m}, Sigma_{p,m}) of  -log(1 - P_new(x))
+    term = weight * mean_m (new + old)
+
+with ``router_rehearsal_samples`` fresh samples per earlier phase p and layer per step
+(``Sigma = E[x x^T] - mu mu^T``). Both halves train the router kernels only: the batch's router
+inputs (captured by ``models.router_probe`` with ``token_inputs=True``) enter without gradient,
+and the old columns are frozen by the method, so only the phase's new columns move. (A first
+version let the batch half's gradient reach the shared weights that feed the routers: in the study
+those weights then moved every token's router input towards the new columns, old ones included,
+while the fixed Gaussians stayed put; docs/study.md.) The Gaussians are measured under the previous
+phase's final params: as the shared weights move during the phase, the real old inputs move away
+from them (which the term does not see).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import TYPE_CHECKING, Any
+
+from absl import logging
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
+import numpy as np
+
+from lifelong_moe_jax import param_tree
+from lifelong_moe_jax.lifelong import expansion
+from lifelong_moe_jax.lifelong import router_input
+from lifelong_moe_jax.models import lm
+from lifelong_moe_jax.models import router_probe
+from lifelong_moe_jax.models.config import ModelConfig
+
+if TYPE_CHECKING:
+  from lifelong_moe_jax.lifelong.methods import Method, PhaseSetup
+
+Array = jax.Array
+PyTree = Any
+MOMENTS_FILE = "old_router_moments.npz"
+
+
+def gaussian_factors(
+  mean: np.ndarray, second_moment: np.ndarray, jitter: float = 1e-4
+) -> np.ndarray:
+  """Cholesky factors ``L`` with ``L L^T = Sigma + jitter * (tr Sigma / embed) I``.
+
+  Args:
+    mean: ``[..., embed]``.
+    second_moment: ``[..., embed, embed]``, ``E[x x^T]``.
+    jitter: relative ridge that keeps a rank-deficient covariance factorable.
+  Returns:
+    float32 ``[..., embed, embed]`` lower-triangular.
+  """
+  mean = np.asarray(mean, np.float64)
+  second = np.asarray(second_moment, np.float64)
+  if second.shape != mean.shape + mean.shape[-1:]:
+    raise ValueError(f"second moment {second.shape} does not match mean {mean.shape}.")
+  if not (np.all(np.isfinite(mean)) and np.all(np.isfinite(second))):
+    raise ValueError("Router-input moments have non-finite entries.")
+  cov = second - mean[..., :, None] * mean[..., None, :]
+  cov = 0.5 * (cov + np.swapaxes(cov, -1, -2))
+  d = mean.shape[-1]
+  scale = np.trace(cov, axis1=-2, axis2=-1)[..., None, None] / d
+  cov = cov + (jitter * np.maximum(scale, 1e-12)) * np.eye(d)
+  return np.linalg.cholesky(cov).astype(np.float32)
+
+
+def new_expert_log_mass(logits: Array, num_old: int) -> tuple[Array, Array]:
+  """``(log P_new, log P_old)`` of the router's softmax: ``[..., E] -> [...]`` each."""
+  logits = logits.astype(jnp.float32)
+  total = jax.nn.logsumexp(logits, axis=-1)
+  return (
+    jax.nn.logsumexp(logits[..., num_old:], axis=-1) - total,
+    jax.nn.logsumexp(logits[..., :num_old], axis=-1) - total,
+  )
+
+
+def rehearsal_terms(
+  router_logits: Array, token_mask: Array, old_logits: Array, num_old: int
+) -> tuple[Array, Array]:
+  """Per-layer ``(new, old)`` terms.
+
+  Args:
+    router_logits: float32 ``[M, G, S, E]``, the step's router logits (``router_probe``).
+    token_mask: ``[batch, length]`` real tokens (``G * S = batch * length``).
+    old_logits: float32 ``[M, N, E]``, router logits of N synthetic old inputs per layer.
+    num_old: experts ``[0, num_old)`` are the earlier phases'.
+  Returns:
+    float32 ``[M]`` each: ``mean_tokens -log P_new`` and ``mean_samples -log P_old``.
+  """
+  if not 0 < num_old < router_logits.shape[-1]:
+    raise ValueError(f"num_old must be in (0, {router_logits.shape[-1]}), got {num_old}.")
+  mask = token_mask.astype(jnp.float32).reshape(router_logits.shape[1:3])
+  log_new, _ = new_expert_log_mass(router_logits, num_old)  # [M, G, S]
+  new = -jnp.sum(log_new * mask, axis=(1, 2)) / jnp.maximum(jnp.sum(mask), 1.0)
+  _, log_old = new_expert_log_mass(old_logits, num_old)  # [M, N]
+  return new, -jnp.mean(log_old, axis=-1)
+
+
+def router_kernel_layers(abstract_params: PyTree, params_axes: PyTree, num_moe_layers: int):
+  """``(treedef, [(leaf index, layer rows)])``: where each MoE layer's router kernel is.
+
+  ``layer rows`` is an int array of the MoE layers (``lm.collect_moe_stats`` order) the leaf holds:
+  one for an unscanned kernel ``[embed, E]``, one per block for a scanned ``[blocks, embed, E]``.
+  """
+  treedef, infos = param_tree.flatten_with_axes(abstract_params, params_axes)
+  index = np.arange(num_moe_layers, dtype=np.float64)[:, None]
+  rows = param_tree.moe_layer_rows(infos, index, "MoE layer index")
+  found = []
+  for position, info in enumerate(infos):
+    if not expansion.is_router_leaf(info):
+      continue
+    if info.layers_axis not in (None, 0):
+      raise ValueError(f"{info.key}: a scanned router kernel must have its layers axis first.")
+    embed_axis = param_tree.axis_of(info.spec, "embed")
+    wanted = (1, 2) if info.layers_axis == 0 else (0, 1)
+    if (embed_axis, info.expert_axis) != wanted:
+      raise ValueError(f"{info.key}: expected a router kernel [(layers,) embed, expert].")
+    found.append((position, np.asarray(rows[info.key]).reshape(-1).astype(int)))
+  layers = sorted(int(m) for _, r in found for m in r)
+  if layers != list(range(num_moe_layers)):
+    raise ValueError(f"Router kernels cover MoE layers {layers}, expected 0..{num_moe_layers - 1}.")
+  return treedef, found
+
+
+class RouterRehearsal:
+  """Regularizer: ``weight * mean_m (new_m + old_m)`` (module docstring).
+
+  Args:
+    config: the student model (E experts).
+    num_old: experts before this phase (E_old).
+    abstract_params / params_axes: the student's params (shapes) and logical axes.
+    mean: float ``[P, M, embed]`` earlier distributions' mean router inputs.
+    second_moment: float ``[P, M, embed, embed]``.
+    weight: the term's weight (> 0).
+    num_samples: synthetic inputs per earlier distribution and MoE layer per step.
+    name: the hook's name (metrics ``reg/<name>/new``, ``reg/<name>/old``, ``.../new_mass``,
+      ``.../old_new_mass``: mean ``P_new`` on the batch and on the synthetic inputs).
+  """
+
+  uses_router_logits = True
+  uses_router_inputs = True
+
+  def __init__(
+    self,
+    config: ModelConfig,
+    num_old: int,
+    abstract_params: PyTree,
+    params_axes: PyTree,
+    mean: np.ndarray,
+    second_moment: np.ndarray,
+    *,
+    weight: float,
+    num_samples: int = 256,
+    name: str = "router_rehearsal",
+  ):
+    if not config.is_moe or not 0 < num_old < config.num_experts:
+      raise ValueError(
+        f"RouterRehearsal needs an MoE model with new experts: num_old={num_old}, "
+        f"num_experts={config.num_experts}."
+      )
+    if weight <= 0 or num_samples <= 0:
+      raise ValueError(f"weight and num_samples must be positive, got {weight}, {num_samples}.")
+    mean = np.asarray(mean, np.float64)
+    num_moe = config.num_layers // config.moe_every
+    if mean.ndim != 3 or mean.shape[1:] != (num_moe, config.embed_dim):
+      raise ValueError(
+        f"Router-input means {mean.shape} do not fit the model: expected "
+        f"[phases, {num_moe}, {config.embed_dim}]."
+      )
+    self.config = config
+    self.num_old = int(num_old)
+    self.mean = mean.astype(np.float32)
+    self.chol = gaussian_factors(mean, second_moment)
+    self.weight = float(weight)
+    self.num_samples = int(num_samples)
+    self.name = name
+    self.treedef, self.kernels = router_kernel_layers(abstract_params, params_axes, num_moe)
+
+  def init_state(self, ctx: Any) -> tuple[Any, Any]:
+    """The Gaussians, replicated: ``{"mean": [P, M, d], "chol": [P, M, d, d]}``."""
+    del ctx
+    state = {"mean": jnp.asarray(self.mean), "chol": jnp.asarray(self.chol)}
+    return state, {"mean": P(), "chol": P()}
+
+  def stacked_kernels(self, params: PyTree) -> Array:
+    """float32 ``[M, embed, E]``: every MoE layer's router kernel, in MoE layer order."""
+    leaves = self.treedef.flatten_up_to(params)
+    by_layer = {}
+    for position, rows in self.kernels:
+      kernel = leaves[position].astype(jnp.float32)
+      kernel = kernel[None] if kernel.ndim == 2 else kernel
+      for block, m in enumerate(rows):
+        by_layer[int(m)] = kernel[block]
+    return jnp.stack([by_layer[m] for m in range(len(by_layer))])
+
+  def synthetic_inputs(self, aux_state: Any, rng: Array) -> Array:
+    """float32 ``[M, P * num_samples, embed]`` drawn from the earlier distributions' Gaussians."""
+    mean, chol = aux_state["mean"], aux_state["chol"]
+    phases, layers, d = mean.shape
+    z = jax.random.normal(rng, (phases, layers, self.num_samples, d), jnp.float32)
+    x = mean[:, :, None, :] + jnp.einsum("pmde,pmse->pmsd", chol, z)
+    return jnp.moveaxis(x, 0, 1).reshape(layers, phases * self.num_samples, d)
+
+  def __call__(
+    self,
+    params: PyTree,
+    batch: lm.Batch,
+    student_logits: Array,
+    aux_state: Any,
+    rng: Array | None = None,
+    intermediates: Any = None,
+  ) -> tuple[Array, dict[str, Array]]:
+    del student_logits
+    if intermediates is None or rng is None:
+      raise ValueError(
+        "RouterRehearsal needs the student's intermediates with router logits and a key "
+        "(training.losses.training_loss passes both)."
+      )
+    x_new = router_probe.collect_router_stats(intermediates, self.config).get(
+      router_probe.ROUTER_INPUTS
+    )
+    if x_new is None:
+      raise ValueError(
+        "RouterRehearsal found no router inputs in the student's intermediates (run the forward "
+        "pass under models.router_probe.capture_router(token_inputs=True))."
+      )
+    kernels = self.stacked_kernels(params)
+    # The batch's router inputs enter without gradient: the term trains the router columns only.
+    logits = jnp.einsum("mgsd,mde->mgse", jax.lax.stop_gradient(x_new), kernels)
+    x_old = self.synthetic_inputs(aux_state, rng)
+    old_logits = jnp.einsum("mnd,mde->mne", x_old, kernels)
+    new, old = rehearsal_terms(logits, lm.token_mask_of(batch), old_logits, self.num_old)
+    new, old = jnp.mean(new), jnp.mean(old)
+    metrics = {
+      "new": new,
+      "old": old,
+      "new_mass": jnp.mean(jnp.exp(new_expert_log_mass(logits, self.num_old)[0])),
+      "old_new_mass": jnp.mean(jnp.exp(new_expert_log_mass(old_logits, self.num_old)[0])),
+    }
+    return self.weight * (new + old), metrics
+
+
+def save_moments(directory: str, mean: np.ndarray, second_moment: np.ndarray) -> str:
+  """Writes ``directory/old_router_moments.npz`` atomically."""
+  path = os.path.join(directory, MOMENTS_FILE)
+  tmp = path + ".tmp.npz"
+  np.savez(tmp, mean=np.asarray(mean, np.float64), second_moment=np.asarray(second_moment))
+  os.replace(tmp, path)
+  return path
+
+
+def load_moments(directory: str) -> tuple[np.ndarray, np.ndarray] | None:
+  """``(mean [P, M, d], second_moment [P, M, d, d])`` saved in ``directory``, or None."""
+  path = os.path.join(directory, MOMENTS_FILE)
+  if not os.path.exists(path):
+    return None
+  with np.load(path) as data:
+    return data["mean"], data["second_moment"]
+
+
+def save_accumulated_moments(method: Method, setup: PhaseSetup, start_dir: str):
+  """The previous phase's router-input moments (its own distribution's train data, its final
+  params, ``usage_batches`` batches) appended to those saved with the previous phase; written to
+  ``start_dir`` by process 0. Returns ``(mean [P, M, d], second_moment [P, M, d, d])``."""
+  t0 = time.perf_counter()
+  schedule, options = setup.schedule, setup.options
+  prev_model = lm.LanguageModel(
+    method.model_config(setup.base_config, schedule, setup.index - 1, options)
+  )
+  mean, second = router_input.measure_phase_data_moments(
+    prev_model,
+    setup.previous_params(),
+    setup.partitioner,
+    schedule,
+    setup.index - 1,
+    options.usage_batches,
+    data_dir=setup.data_dir,
+    data_shards=setup.data_shards,
+  )
+  earlier = load_moments(setup.previous_phase_dir)
+  if earlier is not None:
+    mean = np.concatenate([earlier[0], mean[None]], axis=0)
+    second = np.concatenate([earlier[1], second[None]], axis=0)
+  else:
+    mean, second = mean[None], second[None]
+  if jax.process_index() == 0:  # every process measured (collectively); one writes
+    os.makedirs(start_dir, exist_ok=True)
+    save_moments(start_dir, mean, second)
+  logging.info(
+    "[%s] phase %d: router-input moments of %d earlier distribution(s) saved (%.1f s).",
+    method.name,
+    setup.index,
+    mean.shape[0],
+    time.perf_counter() - t0,
+  )
+  return mean, second
