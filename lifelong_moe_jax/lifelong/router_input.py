@@ -75,9 +75,9 @@ def measure_router_input_moments(
   count = totals["router_token_count"]
   if np.any(count <= 0):
     raise ValueError(f"No routed token in {num_batches} train batches of {mixture!r}.")
-  return totals["router_input_sum"] / count[:, None], totals["router_input_gram"] / count[
-    :, None, None
-  ]
+  mean = totals["router_input_sum"] / count[:, None]
+  second_moment = totals["router_input_gram"] / count[:, None, None]
+  return mean, second_moment
 
 
 def measure_router_input_mean(*args, **kwargs) -> np.ndarray:
@@ -116,3 +116,23 @@ def measure_phase_data_mean(*args, **kwargs) -> np.ndarray:
   """float64 ``[num_moe_layers, embed]``: the mean of ``measure_phase_data_moments`` (same
   arguments)."""
   return measure_phase_data_moments(*args, **kwargs)[0]
+
+
+def measure_previous_phase_moments(method: Any, setup: Any) -> tuple[np.ndarray, np.ndarray]:
+  """``measure_phase_data_moments`` of phase ``setup.index - 1``'s own data under its final
+  params (the previous phase's model of ``method``, ``setup.options.usage_batches`` batches): the
+  statistic of an earlier distribution that a phase start saves (``lifelong.methods.PhaseSetup``)."""
+  schedule, options = setup.schedule, setup.options
+  prev_model = lm.LanguageModel(
+    method.model_config(setup.base_config, schedule, setup.index - 1, options)
+  )
+  return measure_phase_data_moments(
+    prev_model,
+    setup.previous_params(),
+    setup.partitioner,
+    schedule,
+    setup.index - 1,
+    options.usage_batches,
+    data_dir=setup.data_dir,
+    data_shards=setup.data_shards,
+  )

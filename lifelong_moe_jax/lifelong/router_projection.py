@@ -33,7 +33,6 @@ import optax
 from lifelong_moe_jax import param_tree
 from lifelong_moe_jax.lifelong import expansion
 from lifelong_moe_jax.lifelong import router_input
-from lifelong_moe_jax.models import lm
 
 if TYPE_CHECKING:
   from lifelong_moe_jax.lifelong.methods import Method, PhaseSetup
@@ -161,20 +160,7 @@ def save_accumulated_means(method: Method, setup: PhaseSetup, start_dir: str) ->
   ``usage_batches`` batches) appended to the means saved with the previous phase; written to
   ``start_dir`` by process 0. Returns ``[phases so far, M, embed]``."""
   t0 = time.perf_counter()
-  schedule, options = setup.schedule, setup.options
-  prev_model = lm.LanguageModel(
-    method.model_config(setup.base_config, schedule, setup.index - 1, options)
-  )
-  mean = router_input.measure_phase_data_mean(
-    prev_model,
-    setup.previous_params(),
-    setup.partitioner,
-    schedule,
-    setup.index - 1,
-    options.usage_batches,
-    data_dir=setup.data_dir,
-    data_shards=setup.data_shards,
-  )
+  mean = router_input.measure_previous_phase_moments(method, setup)[0]
   earlier = load_means(setup.previous_phase_dir)
   means = mean[None] if earlier is None else np.concatenate([earlier, mean[None]], axis=0)
   if jax.process_index() == 0:  # every process measured (collectively); one writes

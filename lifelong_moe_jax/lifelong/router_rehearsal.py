@@ -280,20 +280,7 @@ def save_accumulated_moments(method: Method, setup: PhaseSetup, start_dir: str):
   params, ``usage_batches`` batches) appended to those saved with the previous phase; written to
   ``start_dir`` by process 0. Returns ``(mean [P, M, d], second_moment [P, M, d, d])``."""
   t0 = time.perf_counter()
-  schedule, options = setup.schedule, setup.options
-  prev_model = lm.LanguageModel(
-    method.model_config(setup.base_config, schedule, setup.index - 1, options)
-  )
-  mean, second = router_input.measure_phase_data_moments(
-    prev_model,
-    setup.previous_params(),
-    setup.partitioner,
-    schedule,
-    setup.index - 1,
-    options.usage_batches,
-    data_dir=setup.data_dir,
-    data_shards=setup.data_shards,
-  )
+  mean, second = router_input.measure_previous_phase_moments(method, setup)
   earlier = load_moments(setup.previous_phase_dir)
   if earlier is not None:
     mean = np.concatenate([earlier[0], mean[None]], axis=0)
