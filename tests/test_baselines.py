@@ -12,10 +12,10 @@ from lifelong_moe_jax import gin_utils
 from lifelong_moe_jax.lifelong import ewc_fisher
 from lifelong_moe_jax.lifelong import method_mixtures
 from lifelong_moe_jax.lifelong import methods as baselines
-from lifelong_moe_jax.lifelong import runner as runner_lib
 from lifelong_moe_jax.models.config import ModelConfig
 from lifelong_moe_jax.training import summaries
 import tasks  # noqa: F401  (registers the seqio tasks)
+from tiny_runner import tiny_runner
 
 ALL = [
   "lifelong_moe",
@@ -104,19 +104,8 @@ def test_replay_and_joint_mixtures():
   )
 
 
-def _runner(model_dir, data_dir, methods, bindings=()):
-  gin.clear_config()
-  gin_utils.parse_gin(
-    ["lifelong/tiny_test.gin"], [f"MODEL_DIR = '{model_dir}'", *bindings], finalize=False
-  )
-  try:
-    return runner_lib.LifelongRunner(methods=methods, data_dir=data_dir)
-  finally:
-    gin.clear_config()
-
-
 def test_per_phase_plans(tmp_path, prepared_data_dir):
-  runner = _runner(str(tmp_path / "plan"), prepared_data_dir, ALL)
+  runner = tiny_runner(str(tmp_path / "plan"), prepared_data_dir, ALL)
   experts = {m: [runner.config_for(m, i).num_experts for i in range(3)] for m in ALL}
   for m in ("lifelong_moe", "expand_only", "expand_freeze"):
     assert experts[m] == [2, 4, 6]
@@ -137,14 +126,14 @@ def test_per_phase_plans(tmp_path, prepared_data_dir):
 
 def test_schedule_errors_before_work(tmp_path, prepared_data_dir):
   with pytest.raises(ValueError, match="Unknown task or mixture"):
-    _runner(
+    tiny_runner(
       str(tmp_path / "x"),
       prepared_data_dir,
       ["finetune"],
       ['LifelongSchedule.phases = [{"name": "a", "mixture": "nope", "steps": 2}]'],
     )
   with pytest.raises(ValueError, match="first phase"):
-    _runner(
+    tiny_runner(
       str(tmp_path / "x"),
       prepared_data_dir,
       ["finetune"],
@@ -154,7 +143,7 @@ def test_schedule_errors_before_work(tmp_path, prepared_data_dir):
       ],
     )
   with pytest.raises(ValueError, match="not divisible by the expert mesh axis"):
-    _runner(
+    tiny_runner(
       str(tmp_path / "x"),
       prepared_data_dir,
       ["lifelong_moe"],
@@ -167,7 +156,7 @@ def test_baselines_run_two_phases(tmp_path, tmp_path_factory, prepared_data_dir)
   methods = ["l2", "ewc", "replay", "multitask", "dense_finetune"]
   model_dir = str(tmp_path / "baselines")
   cache = tmp_path_factory.getbasetemp() / "jax_cache"  # shared with tests/test_runner.py
-  runner = _runner(
+  runner = tiny_runner(
     model_dir,
     prepared_data_dir,
     methods,

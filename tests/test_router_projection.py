@@ -5,7 +5,6 @@ on the old distribution's mean router input where the expansion put them."""
 import json
 import os
 
-import gin
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -14,14 +13,13 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from lifelong_moe_jax import checkpoints
-from lifelong_moe_jax import gin_utils
 from lifelong_moe_jax import partitioning
 from lifelong_moe_jax.lifelong import method_options
 from lifelong_moe_jax.lifelong import phase_results
 from lifelong_moe_jax.lifelong import router_projection
-from lifelong_moe_jax.lifelong import runner as runner_lib
 from lifelong_moe_jax.models import lm
 import tasks  # noqa: F401  (registers the seqio tasks)
+from tiny_runner import TWO_PHASES, tiny_runner
 
 
 def _numpy_projection(u: np.ndarray, means: np.ndarray, first: int) -> np.ndarray:
@@ -127,25 +125,12 @@ def _router_columns(params, num_moe: int):
 
 
 def test_two_phase_run_keeps_new_columns_on_the_old_mean(tmp_path, prepared_data_dir):
-  model_dir = str(tmp_path / "run")
-  gin.clear_config()
-  gin_utils.parse_gin(
-    ["lifelong/tiny_test.gin"],
-    [
-      f"MODEL_DIR = '{model_dir}'",
-      'LifelongSchedule.phases = [{"name": "wiki_en", "mixture": "lifelong_wiki_en", "steps": 4},'
-      ' {"name": "code_py", "mixture": "lifelong_code_py", "steps": 3, "add_experts": 2}]',
-      "LifelongSchedule.eval_max_batches = 1",
-      "MethodOptions.project_new_router_updates = True",
-    ],
-    finalize=False,
+  runner = tiny_runner(
+    str(tmp_path / "run"),
+    prepared_data_dir,
+    ["lifelong_moe", "expand_only"],
+    [*TWO_PHASES, "MethodOptions.project_new_router_updates = True"],
   )
-  try:
-    runner = runner_lib.LifelongRunner(
-      methods=["lifelong_moe", "expand_only"], data_dir=prepared_data_dir
-    )
-  finally:
-    gin.clear_config()
   report = runner.run()
   assert all(m["complete"] for m in report["methods"].values())
   partitioner = partitioning.Partitioner(

@@ -186,33 +186,23 @@ def test_two_phase_run_saves_the_moments_it_measured_and_trains_with_the_term(
 ):
   import os  # pylint: disable=import-outside-toplevel
 
-  import gin  # pylint: disable=import-outside-toplevel
-
   from lifelong_moe_jax import checkpoints  # pylint: disable=import-outside-toplevel
-  from lifelong_moe_jax import gin_utils  # pylint: disable=import-outside-toplevel
   from lifelong_moe_jax import partitioning  # pylint: disable=import-outside-toplevel
   from lifelong_moe_jax.lifelong import router_input  # pylint: disable=import-outside-toplevel
-  from lifelong_moe_jax.lifelong import runner as runner_lib  # pylint: disable=import-outside-toplevel
+  from tiny_runner import TWO_PHASES, tiny_runner  # pylint: disable=import-outside-toplevel
+
   from lifelong_moe_jax.training import summaries  # pylint: disable=import-outside-toplevel
 
-  model_dir = str(tmp_path / "run")
-  gin.clear_config()
-  gin_utils.parse_gin(
-    ["lifelong/tiny_test.gin"],
+  runner = tiny_runner(
+    str(tmp_path / "run"),
+    prepared_data_dir,
+    ["lifelong_moe"],
     [
-      f"MODEL_DIR = '{model_dir}'",
-      'LifelongSchedule.phases = [{"name": "wiki_en", "mixture": "lifelong_wiki_en", "steps": 4},'
-      ' {"name": "code_py", "mixture": "lifelong_code_py", "steps": 3, "add_experts": 2}]',
-      "LifelongSchedule.eval_max_batches = 1",
+      *TWO_PHASES,
       "MethodOptions.router_rehearsal_weight = 0.5",
       "MethodOptions.router_rehearsal_samples = 16",
     ],
-    finalize=False,
   )
-  try:
-    runner = runner_lib.LifelongRunner(methods=["lifelong_moe"], data_dir=prepared_data_dir)
-  finally:
-    gin.clear_config()
   report = runner.run()
   assert report["methods"]["lifelong_moe"]["complete"]
   pdir = runner.phase_dir("lifelong_moe", 1)

@@ -2,7 +2,7 @@
 
 Deleting a tf.data iterator cancels the pipeline and joins its threads. After the last step of a
 phase this sometimes blocked ``training.run.train_model`` for 40-50 s with nothing logged (issue 12;
-measured in the demo and the study, not reproduced by a standalone loop, docs/performance.md), so
+measured in the demo and the study, once in a standalone loop; docs/performance.md), so
 the runner's next line (the phase evaluation) waited for it. ``release_in_background`` moves the
 deletion to a daemon thread; the process waits for such threads (at most 2 minutes) at exit.
 """
