@@ -149,3 +149,70 @@ def test_teacher_capacity_option_sets_the_teachers_capacity(capacity, want):
   assert teacher.teacher_model.config.num_experts == 2  # the previous phase's model
   with pytest.raises(methods_lib.MethodError, match="teacher_capacity must be"):
     methods_lib.MethodOptions(teacher_capacity="both")
+
+
+def test_variant_recipe_flags_replay_is_lifelong_moe_with_old_data():
+  """A variant may set recipe flags (``VARIANT_RECIPE_FLAGS``): lifelong_moe that also replays."""
+  from lifelong_moe_jax.lifelong.schedule import LifelongSchedule  # pylint: disable=import-outside-toplevel
+
+  variant = methods_lib.method_variant(
+    "lm_test_replay", {"base": "lifelong_moe", "replay": True, "distill_weight": 0.3}
+  )
+  flags = (variant.expand, variant.freeze_old_experts, variant.distill, variant.replay)
+  assert flags == (True, True, True, True)
+  assert variant.option_overrides == (("distill_weight", 0.3),)
+  assert variant.to_dict()["base"] == "lifelong_moe"
+  assert methods_lib.get_method("lifelong_moe").to_dict()["base"] is None
+  assert "replay=True" in variant.description
+  deeper = methods_lib.method_variant("lm_test_replay2", {"base": "lm_test_replay"})
+  assert deeper.replay and deeper.base == "lifelong_moe"
+  schedule = LifelongSchedule(
+    phases=[
+      {"name": "a", "mixture": "lifelong_wiki_en", "steps": 2},
+      {"name": "b", "mixture": "lifelong_code_py", "steps": 2, "add_experts": 2},
+    ]
+  )
+  opts = variant.options(methods_lib.MethodOptions())
+  assert variant.mixture(schedule, 0, opts) == "lifelong_wiki_en"
+  assert variant.mixture(schedule, 1, opts) == methods_lib.method_mixtures.register_replay_mixture(
+    "lifelong_code_py", ["lifelong_wiki_en"], opts.replay_fraction
+  )
+  assert variant.mixture(schedule, 1, opts) != "lifelong_code_py"
+
+
+@pytest.mark.parametrize(
+  "spec, match",
+  [
+    ({"base": "lifelong_moe", "replay": "yes"}, "replay must be true or false"),
+    ({"base": "lifelong_moe", "expand": False}, "freezing old experts without adding"),
+    ({"base": "multitask", "replay": True}, "joint training already sees all data"),
+    ({"base": "lifelong_moe", "joint": True}, "unknown MethodOptions"),
+  ],
+)
+def test_bad_recipe_flags_are_refused(spec, match):
+  with pytest.raises(methods_lib.MethodError, match=match):
+    methods_lib.method_variant("ok_flags", spec)
+  assert "ok_flags" not in methods_lib.METHODS
+
+
+def test_a_finished_phase_on_other_data_is_refused(tmp_path, prepared_data_dir):
+  """A variant name reused with replay toggled: its finished phase was trained on another mixture,
+  so resuming refuses it (naming both mixtures) instead of reporting it as the new recipe."""
+  from lifelong_moe_jax.lifelong import phase_run  # pylint: disable=import-outside-toplevel
+
+  model_dir = str(tmp_path / "run")
+  variants = {"lm_rp": {"base": "lifelong_moe", "replay": True}}
+  runner = _runner(model_dir, prepared_data_dir, ["lm_rp"], variants)
+  layout = runner.layout
+  replay_mixture = layout.mixture_for("lm_rp", 1)
+  path = layout.result_path("lm_rp", 1)
+  os.makedirs(os.path.dirname(path))
+  result = {"options": layout.options_for("lm_rp").to_dict(), "trained_on": replay_mixture}
+  with open(path, "w") as f:
+    json.dump(result, f)
+  assert phase_run.completed_result(layout, "lm_rp", 1)["trained_on"] == replay_mixture
+  runner = _runner(model_dir, prepared_data_dir, ["lm_rp"], {"lm_rp": {"base": "lifelong_moe"}})
+  with pytest.raises(
+    runner_lib.LifelongError, match="trained on 'lifelong_replay_.*lifelong_code_py"
+  ):
+    phase_run.completed_result(runner.layout, "lm_rp", 1)

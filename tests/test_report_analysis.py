@@ -180,6 +180,22 @@ def test_claims_for_a_variant_and_the_method_summary_table():
   assert (
     table[-1] == "| lm_v | distill_weight=0.3 | +20.0% | n/a | 2.8680 | +0.5% | 30.0% | 40.0% |"
   )
+  # A variant that replays old data (recipe flag) is not a candidate of the old-data-free ranking,
+  # even with the best NLL; it is labelled in the table.
+  replaying = json.loads(json.dumps(base))
+  replaying["spec"] = {"name": "lm_r", "expand": True, "replay": True, "base": "lifelong_moe"}
+  for task in ("lifelong_a", "lifelong_b"):
+    replaying["phases"][-1]["eval"][task]["loss"] -= 1.0
+  other = json.loads(json.dumps(base))
+  other["phases"][-1]["eval"]["lifelong_a"]["loss"] += 0.5
+  report["methods"] = {"lifelong_moe": base, "lm_r": replaying, "distill_only": other}
+  assert claims.uses_old_data(report, "lm_r") and not claims.uses_old_data(report, "lm_v_none")
+  assert (
+    claims.final_nll_by_method(report)["lm_r"] < claims.final_nll_by_method(report)["lifelong_moe"]
+  )
+  best = {c.name: c for c in claims.evaluate_claims(report)}["best_without_old_data"]
+  assert best.passed is True and "lm_r" not in best.measured
+  assert claims.method_summary_table(report)[3].startswith("| lm_r | replay=True | ")
 
 
 def test_write_atomic_removes_temporaries_of_killed_writers(tmp_path):

@@ -8,8 +8,8 @@ needs, e.g. a method that was not run):
    its value right after the first phase, while finetune's is at least 20% worse.
 2. ``adaptation``: lifelong_moe's perplexity on the last distribution is within 5% of finetune's.
 3. ``best_without_old_data``: lifelong_moe has the best token-weighted mean final NLL among the
-   methods that use no old data (all but multitask, multitask_final and replay; other variants of
-   lifelong_moe excluded); its gaps to multitask and multitask_final are stated.
+   methods that use no old data (all but multitask, multitask_final, replay and variants that
+   replay, ``uses_old_data``; other variants of lifelong_moe excluded); its gaps to multitask and multitask_final are stated.
 4. ``routing``: the experts added in a phase carry at least half of that phase's distribution's
    top-1 assignments, and at most 10% of the earlier distributions' top-1 assignments drift to
    them (phase results' ``routing`` entries, see ``eval/routing_analysis.py``).
@@ -142,7 +142,7 @@ def _best_without_old_data(report: Mapping[str, Any], method: str) -> Claim:
   candidates = {
     k: v
     for k, v in nll.items()
-    if k not in USES_OLD_DATA and (k == method or not _is_variant(report, k))
+    if not uses_old_data(report, k) and (k == method or not _is_variant(report, k))
   }
   if method not in candidates or len(candidates) < 2:
     return Claim(
@@ -163,7 +163,14 @@ def _best_without_old_data(report: Mapping[str, Any], method: str) -> Claim:
 
 def _is_variant(report: Mapping[str, Any], name: str) -> bool:
   spec = report["methods"].get(name, {}).get("spec") or {}
-  return bool(spec.get("option_overrides"))
+  return bool(spec.get("base") or spec.get("option_overrides"))
+
+
+def uses_old_data(report: Mapping[str, Any], name: str) -> bool:
+  """Whether method ``name`` trains on earlier phases' data (joint training or replay, a variant's
+  recipe flags included)."""
+  spec = report["methods"].get(name, {}).get("spec") or {}
+  return name in USES_OLD_DATA or bool(spec.get("replay") or spec.get("joint"))
 
 
 def routing_shares(
@@ -245,6 +252,7 @@ def method_summary(report: Mapping[str, Any], method: str) -> dict[str, Any] | N
   return {
     "method": method,
     "option_overrides": (m.get("spec") or {}).get("option_overrides") or {},
+    "replays": bool((m.get("spec") or {}).get("base")) and uses_old_data(report, method),
     "retention": relative_change(ppl[0], ppl[-1]),
     "adaptation_gap": (
       relative_change(ft["final_perplexity"][last], m["final_perplexity"][last]) if ft else None
@@ -267,7 +275,13 @@ def method_summary_table(report: Mapping[str, Any]) -> list[str]:
     s = method_summary(report, name)
     if s is None:
       continue
-    opts = ", ".join(f"{k}={v}" for k, v in sorted(s["option_overrides"].items())) or "run's"
+    opts = (
+      ", ".join(
+        (["replay=True"] if s.get("replays") else [])
+        + [f"{k}={v}" for k, v in sorted(s["option_overrides"].items())]
+      )
+      or "run's"
+    )
     nll = "n/a" if s["final_nll"] is None else f"{s['final_nll']:.4f}"
     lines.append(
       f"| {name} | {opts} | {_pct(s['retention'])} | {_pct(s['adaptation_gap'])} | {nll} | "

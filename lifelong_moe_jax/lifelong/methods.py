@@ -50,6 +50,7 @@ import flax.linen as nn
 
 from lifelong_moe_jax import partitioning
 from lifelong_moe_jax.lifelong import distill
+from lifelong_moe_jax.lifelong.dense_reference import dense_config, dense_mlp_dim  # noqa: F401
 from lifelong_moe_jax.lifelong import ewc_fisher
 from lifelong_moe_jax.lifelong import expansion
 from lifelong_moe_jax.lifelong import freeze
@@ -122,6 +123,7 @@ class Method:
       ``add_experts``) from phase 0 on, without expanding (a fair-size joint-training reference).
     option_overrides: ``((field, value), ...)`` of ``MethodOptions`` this method uses instead of
       the run's (``method_variant``, e.g. ``lifelong_moe`` at another distillation weight).
+    base: the method this one is a variant of (``method_variant``); None for built-in methods.
   """
 
   name: str
@@ -135,6 +137,7 @@ class Method:
   dense: bool = False
   final_experts: bool = False
   option_overrides: tuple[tuple[str, Any], ...] = ()
+  base: str | None = None
 
   def __post_init__(self):
     known = {f.name for f in dataclasses.fields(MethodOptions)} if self.option_overrides else ()
@@ -426,6 +429,8 @@ for _m in (
 
 
 VARIANT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+# Recipe flags a variant may change besides MethodOptions values (e.g. lifelong_moe with replay).
+VARIANT_RECIPE_FLAGS = ("expand", "freeze_old_experts", "distill", "penalty", "replay")
 
 
 def method_variant(name: str, spec: Mapping[str, Any]) -> Method:
@@ -434,9 +439,12 @@ def method_variant(name: str, spec: Mapping[str, Any]) -> Method:
   Args:
     name: the variant's name (method list, folder and report name; letters, digits, ``_.-``).
     spec: ``{"base": "lifelong_moe", "description": "...", <MethodOptions field>: value, ...}``,
-      e.g. ``{"base": "lifelong_moe", "distill_weight": 0.3}``.
+      e.g. ``{"base": "lifelong_moe", "distill_weight": 0.3}``; the recipe flags of
+      ``VARIANT_RECIPE_FLAGS`` may be set too, e.g. ``{"base": "lifelong_moe", "replay": True}``
+      (Lifelong-MoE that also replays ``replay_fraction`` of earlier phases' data).
   Raises:
-    MethodError: bad name, unknown base, name of a built-in method, unknown or invalid option.
+    MethodError: bad name, unknown base, name of a built-in method, unknown or invalid option,
+      a recipe flag combination ``Method`` refuses.
   """
   spec = dict(spec)
   if not isinstance(name, str) or not VARIANT_NAME.match(name):
@@ -448,17 +456,24 @@ def method_variant(name: str, spec: Mapping[str, Any]) -> Method:
     raise MethodError(f"Method variant {name!r} needs a 'base' method, e.g. 'lifelong_moe'.")
   base = get_method(base_name)
   existing = METHODS.get(name)
-  if existing is not None and not existing.option_overrides:
+  if existing is not None and existing.base is None:
     raise MethodError(f"Method variant {name!r} would replace the built-in method {name!r}.")
   description = spec.pop("description", None)
+  flags = {k: spec.pop(k) for k in VARIANT_RECIPE_FLAGS if k in spec}
+  for key, value in flags.items():
+    if key != "penalty" and not isinstance(value, bool):
+      raise MethodError(f"Method variant {name!r}: {key} must be true or false, got {value!r}.")
   overrides = dict(base.option_overrides)
   overrides.update(spec)
+  changes = {**flags, **spec}
   variant = dataclasses.replace(
     base,
     name=name,
     description=description
-    or f"{base.name} with " + ", ".join(f"{k}={v!r}" for k, v in sorted(spec.items())),
+    or f"{base.name} with " + ", ".join(f"{k}={v!r}" for k, v in sorted(changes.items())),
     option_overrides=tuple(sorted(overrides.items())),
+    base=base.base or base.name,
+    **flags,
   )
   variant.options(MethodOptions())  # field values validated now, before any work
   return register_method(variant)
@@ -474,24 +489,3 @@ def get_method(name: str) -> Method:
 def describe(methods: Sequence[str]) -> Mapping[str, Mapping[str, Any]]:
   """``{name: Method.to_dict()}`` for the report."""
   return {name: get_method(name).to_dict() for name in methods}
-
-
-# ------------------------------------------------------------------------------- models
-def dense_mlp_dim(config: ModelConfig) -> int:
-  """MLP width of a dense model with the MoE model's activated feed-forward FLOPs per token.
-
-  Dense layers use ``mlp_dim``; an MoE layer activates ``top_k`` experts of ``expert_hidden_dim``.
-  The dense model uses the average over layers, e.g. (512 + 2 * 512) / 2 = 768 for the demo model.
-  """
-  if not config.is_moe:
-    return config.mlp_dim
-  moe = config.num_moe_layers
-  total = (config.num_layers - moe) * config.mlp_dim + moe * config.top_k * config.expert_hidden_dim
-  return int(round(total / config.num_layers))
-
-
-def dense_config(config: ModelConfig, mlp_dim: int | None = None) -> ModelConfig:
-  """The dense counterpart of ``config`` (``num_experts = 0``, FLOP-matched width by default)."""
-  return dataclasses.replace(
-    config, num_experts=0, expert_mlp_dim=None, mlp_dim=mlp_dim or dense_mlp_dim(config)
-  )

@@ -54,7 +54,8 @@ def completed_result(layout: RunLayout, method: str, index: int) -> dict[str, An
   """The result of phase ``index`` of ``method`` when it is complete, else None.
 
   Raises:
-    LifelongError: the phase was trained (not shared) with other method options than now.
+    LifelongError: the phase was trained (not shared) with other method options or on another
+      mixture than now (e.g. a variant name reused with ``replay`` toggled).
   """
   pdir = layout.phase_dir(method, index)
   path = layout.result_path(method, index)
@@ -72,6 +73,14 @@ def completed_result(layout: RunLayout, method: str, index: int) -> dict[str, An
       f"[{method}] phase {index} ({layout.schedule.phases[index].name}) in {pdir} was trained "
       f"with other method options ({was}; now {now}). Use a new method variant name "
       "(RunnerConfig.method_variants) or another MODEL_DIR."
+    )
+  trained_on, now_on = done.get("trained_on"), layout.mixture_for(method, index)
+  if trained_on and trained_on != now_on and not layout.is_shared(method, index):
+    raise LifelongError(
+      f"[{method}] phase {index} ({layout.schedule.phases[index].name}) in {pdir} was trained "
+      f"on {trained_on!r}, the method now trains on {now_on!r} (its replay or joint data "
+      "changed). Use a new method variant name (RunnerConfig.method_variants) or another "
+      "MODEL_DIR."
     )
   logging.info(
     "[%s] phase %d (%s) already complete: %s",
