@@ -4,7 +4,8 @@ r"""Step-0 effect of the router-column options of expert expansion (``MethodOpti
       --checkpoint runs/study/shared/phase_0_wiki_en/checkpoints/1500 --data_dir ./data_study \
       --mixture lifelong_fortunes_intl \
       --eval_tasks lifelong_wiki_en,lifelong_fortunes_intl,lifelong_dialog_en \
-      [--add_experts 2] [--router_inits copy,copy_offset,zero,small_random] \
+      [--add_experts 2] [--router_inits copy,copy_offset,copy_contrast,zero,small_random] \
+      [--old_mixture lifelong_wiki_en] \
       [--router_offsets 1,2,4] \
       [--length 128] [--eval_batch 8] [--eval_batches 8] [--mean_batches 4]
 
@@ -16,7 +17,10 @@ are identical and only the router columns differ) and evaluates again right afte
 before any update: the same deterministic validation batches, so the differences are the
 expansion's alone. ``copy_offset``'s mean router input ``mu`` is measured on ``--mean_batches``
 train batches of ``--mixture`` (the new phase's data) with the checkpoint's model, as a lifelong
-phase start does; it is evaluated once per ``--router_offsets`` value.
+phase start does; it is evaluated once per ``--router_offsets`` value. ``copy_contrast``'s shift
+(``router_contrast.contrast_shift``) uses the router-input moments of ``--mixture`` and of
+``--old_mixture`` (the earlier distribution; default the first ``--eval_tasks`` entry that is not
+``--mixture``), also once per ``--router_offsets`` value.
 
 Prints one table: per option and distribution, the relative perplexity change
 ``ppl_after / ppl_before - 1`` and the share of the distribution's top-k routing assignments that
@@ -46,6 +50,7 @@ from lifelong_moe_jax import gin_utils
 from lifelong_moe_jax import partitioning
 from lifelong_moe_jax.eval import phase_eval
 from lifelong_moe_jax.lifelong import expansion
+from lifelong_moe_jax.lifelong import router_contrast
 from lifelong_moe_jax.lifelong import router_input
 from lifelong_moe_jax.models import lm
 
@@ -63,7 +68,14 @@ def parse_args() -> argparse.Namespace:
   p.add_argument("--add_experts", type=int, default=2)
   p.add_argument("--router_inits", default=",".join(expansion.ROUTER_INITS))
   p.add_argument(
-    "--router_offsets", default="1.0", help="comma-separated copy_offset gaps (one row each)"
+    "--router_offsets",
+    default="1.0",
+    help="comma-separated copy_offset / copy_contrast gaps (one row each)",
+  )
+  p.add_argument(
+    "--old_mixture",
+    default=None,
+    help="copy_contrast: the earlier distribution (default: first --eval_tasks entry != --mixture)",
   )
   p.add_argument("--noise_scale", type=float, default=0.01)
   p.add_argument("--length", type=int, default=128, help="targets length of the eval batches")
@@ -96,6 +108,12 @@ def main() -> None:
     if args.eval_tasks
     else [args.mixture]
   )
+  old_mixture = args.old_mixture or next((t for t in tasks if t != args.mixture), None)
+  if "copy_contrast" in inits and old_mixture is None:
+    raise SystemExit(
+      "--router_inits copy_contrast needs an earlier distribution: pass --old_mixture (or an "
+      "--eval_tasks entry other than --mixture)."
+    )
   gin_utils.import_task_modules(["tasks"])
   t0 = time.perf_counter()
   loaded = checkpoints.load_checkpoint(
@@ -123,25 +141,34 @@ def main() -> None:
       return evaluator.evaluate(p)
 
   before = evaluate(model, params)
-  mu = router_input.measure_router_input_mean(
-    model,
-    params,
-    partitioner,
-    args.mixture,
-    lengths,
-    args.eval_batch,
-    args.mean_batches,
-    args.data_dir,
-  )
+
+  def moments(mixture: str):
+    return router_input.measure_router_input_moments(
+      model,
+      params,
+      partitioner,
+      mixture,
+      lengths,
+      args.eval_batch,
+      args.mean_batches,
+      args.data_dir,
+    )
+
+  mu, second = moments(args.mixture)
+  old = moments(old_mixture) if "copy_contrast" in inits else None
   new_model = lm.LanguageModel(expansion.expanded_config(config, args.add_experts))
   axes = model.params_logical_axes()
   offsets = [float(x) for x in args.router_offsets.split(",") if x.strip()]
+  shifted = expansion.COPIED_ROUTER_INITS
   variants = [
-    (name, offset) for name in inits for offset in (offsets if name == "copy_offset" else [0.0])
+    (name, offset) for name in inits for offset in (offsets if name in shifted else [0.0])
   ]
   rows = {}
   for name, offset in variants:
-    label = f"{name} ({offset:g})" if name == "copy_offset" else name
+    label = f"{name} ({offset:g})" if name in shifted else name
+    shift = None
+    if name == "copy_contrast":
+      shift = router_contrast.contrast_shift(mu, second, old[0][None], old[1][None], offset)
     new_params = expansion.expand_params(
       params,
       axes,
@@ -152,6 +179,7 @@ def main() -> None:
       router_init=name,
       router_offset=offset,
       router_input_mean=mu,
+      router_column_shift=shift,
     )
     rows[label] = evaluate(new_model, new_params)
 

@@ -221,7 +221,8 @@ def test_router_init_step0_prints_the_step0_table(prepared_data_dir, tmp_path):
     "--router_offsets=1,4",
   )
   assert "2 -> 4 experts per MoE layer" in out, out
-  for label in ("copy", r"copy_offset \(1\)", r"copy_offset \(4\)", "zero", "small_random"):
+  labels = ("copy", r"copy_offset \(1\)", r"copy_offset \(4\)", r"copy_contrast \(4\)", "zero")
+  for label in labels + ("small_random",):
     assert re.search(
       rf"\| {label} \| [+-][0-9.]+% \| [0-9.]+% \| [+-][0-9.]+% \| [0-9.]+% \|", out
     ), out

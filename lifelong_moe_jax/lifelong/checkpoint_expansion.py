@@ -110,6 +110,7 @@ def expand_checkpoint(
   router_init: expansion.RouterInit = "copy",
   router_offset: float = 1.0,
   router_input_mean: Any | SourceExpertsFn = None,
+  router_column_shift: Any | SourceExpertsFn = None,
   new_slice_opt_state: expansion.NewSliceState = "zeros",
   lifelong_info: Mapping[str, Any] | None = None,
   prepare: Callable[[str, PyTree], None] | None = None,
@@ -132,6 +133,9 @@ def expand_checkpoint(
     router_input_mean: "copy_offset": ``[num_moe_layers, embed]`` mean router input on the new
       data, or ``fn(model, params) -> it`` evaluated on the restored source (only when experts
       are added with router_init="copy_offset").
+    router_column_shift: "copy_contrast": ``[num_moe_layers, embed]`` added to the copied router
+      columns, or ``fn(model, params) -> it`` evaluated on the restored source (only when experts
+      are added with router_init="copy_contrast"; ``router_contrast.contrast_shift``).
     new_slice_opt_state: optimizer statistics of new slices
       (``opt_state_expansion.expand_opt_state``).
     lifelong_info: more entries of ``metadata["lifelong"]`` (``phase_record`` is set here).
@@ -168,6 +172,9 @@ def expand_checkpoint(
       mean = router_input_mean
       if router_init == "copy_offset" and callable(mean):
         mean = mean(model, params)
+      shift = router_column_shift
+      if router_init == "copy_contrast" and callable(shift):
+        shift = shift(model, params)
       result = phase_expansion.expand_for_phase(
         params,
         trainer.params_axes,
@@ -187,6 +194,7 @@ def expand_checkpoint(
         router_init=router_init,
         router_offset=router_offset,
         router_input_mean=None if callable(mean) else mean,
+        router_column_shift=None if callable(shift) else shift,
         new_slice_opt_state=new_slice_opt_state,
       )
       params, opt_state, record = result.params, result.opt_state, result.record

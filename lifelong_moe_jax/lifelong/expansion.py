@@ -18,7 +18,9 @@ Semantics (docs/lifelong.md has the full discussion):
   drawn from each layer's own initializer;
 * ``router_init``: router columns "copy" (as ``init`` makes them), "copy_offset" (copy minus
   ``router_offset * mu / |mu|^2``: on tokens with mean router input ``mu`` the new logit is on
-  average ``router_offset`` below the source's), "zero" or "small_random";
+  average ``router_offset`` below the source's), "copy_contrast" (copy plus a given shift per MoE
+  layer: ``router_contrast.contrast_shift``, ahead of the source on the new data and behind it on
+  the old), "zero" or "small_random";
 * optimizer state (``opt_state_expansion.expand_opt_state``): every state leaf that follows an
   expert param grows along its expert axis with zeros (default), its source expert's slice or the
   mean of the old slices (old slices kept); Adafactor's factored statistics are handled, including
@@ -60,8 +62,10 @@ from lifelong_moe_jax.models.config import ModelConfig
 InitMode = Literal["copy", "random"]
 SourceExperts = Literal["round_robin"] | np.ndarray | Sequence[float] | Sequence[Sequence[float]]
 # New router columns (see ``expand_params``); "copy" follows ``init`` (today's behaviour).
-RouterInit = Literal["copy", "copy_offset", "zero", "small_random"]
-ROUTER_INITS = ("copy", "copy_offset", "zero", "small_random")
+RouterInit = Literal["copy", "copy_offset", "copy_contrast", "zero", "small_random"]
+ROUTER_INITS = ("copy", "copy_offset", "copy_contrast", "zero", "small_random")
+# The options that shift a copied column (copy init only).
+COPIED_ROUTER_INITS = ("copy_offset", "copy_contrast")
 # Optimizer statistics of new expert slices (see ``opt_state_expansion.expand_opt_state``).
 NewSliceState = Literal["zeros", "source", "mean"]
 NEW_SLICE_STATES = ("zeros", "source", "mean")
@@ -207,8 +211,9 @@ def _new_router_columns(
 ) -> jax.Array:
   """The ``add`` new router columns ``[.., N]`` for ``router_init`` other than "copy".
 
-  ``copied``: the copy-mode columns (source + noise), needed by "copy_offset"; ``offset_row``:
-  ``offset * mu / |mu|^2`` of the leaf's layer (``[embed]``, or ``[blocks, embed]`` scanned).
+  ``copied``: the copy-mode columns (source + noise), needed by "copy_offset" / "copy_contrast";
+  ``offset_row``: what is subtracted from them in the leaf's layer (``[embed]``, or
+  ``[blocks, embed]`` scanned): ``offset * mu / |mu|^2``, or minus the contrast shift.
   """
   ea, la = info.expert_axis, info.layers_axis
   shape = list(x.shape)
@@ -222,7 +227,7 @@ def _new_router_columns(
     std = jnp.std(x.astype(jnp.float32), axis=reduce, keepdims=True)
     noise = jax.random.normal(rng, shape, jnp.float32)
     return (noise_scale * std * noise).astype(x.dtype)
-  # copy_offset: the copied column minus the offset direction of its layer.
+  # copy_offset / copy_contrast: the copied column minus the offset row of its layer.
   embed_axis = [d for d in range(x.ndim) if d not in (ea, la)][0]
   off_shape = [1] * x.ndim
   off_shape[embed_axis] = x.shape[embed_axis]
@@ -267,6 +272,7 @@ def expand_params(
   router_init: RouterInit = "copy",
   router_offset: float = 1.0,
   router_input_mean: Any = None,
+  router_column_shift: Any = None,
 ) -> Any:
   """Grows every leaf with an ``expert`` axis from E to E + N along that axis.
 
@@ -286,11 +292,14 @@ def expand_params(
       ``('embed', 'expert')``): ``"copy"`` (as ``init`` makes them: source column + noise, or the
       router initializer), ``"copy_offset"`` (copy mode only: source column + noise
       ``- router_offset * mu / |mu|^2``, so that on tokens whose mean router input is ``mu`` the new
-      column's logit is on average ``router_offset`` below its source's), ``"zero"`` (zero columns)
+      column's logit is on average ``router_offset`` below its source's), ``"copy_contrast"`` (copy
+      mode only: source column + noise + ``router_column_shift``), ``"zero"`` (zero columns)
       or ``"small_random"`` (``N(0, (noise_scale * std(layer's old kernel))^2)`` entries).
     router_offset: copy_offset: the mean logit gap (>= 0).
     router_input_mean: copy_offset: ``mu``, the mean router input ``[embed]`` or
       ``[num_moe_layers, embed]`` on the new data (``router_probe``), measured with the old model.
+    router_column_shift: copy_contrast: ``[embed]`` or ``[num_moe_layers, embed]`` added to the
+      copied columns (``router_contrast.contrast_shift``).
   Returns:
     The expanded params: same structure; expert leaves ``[.., E + N, ..]`` whose first E slices are
     bit-identical to the input; other leaves are the input objects.
@@ -303,11 +312,16 @@ def expand_params(
     raise ExpansionError(f"noise_scale must be >= 0, got {noise_scale}.")
   if router_init not in ROUTER_INITS:
     raise ExpansionError(f"router_init must be one of {ROUTER_INITS}, got {router_init!r}.")
+  if router_init in COPIED_ROUTER_INITS and init != "copy":
+    raise ExpansionError(
+      f"router_init={router_init!r} shifts a copied column: it needs init='copy'."
+    )
+  if router_init == "copy_contrast" and router_column_shift is None:
+    raise ExpansionError(
+      "router_init='copy_contrast' needs router_column_shift (router_contrast.contrast_shift of "
+      "the new and old router-input moments, per MoE layer)."
+    )
   if router_init == "copy_offset":
-    if init != "copy":
-      raise ExpansionError(
-        "router_init='copy_offset' offsets a copied column: it needs init='copy'."
-      )
     if router_input_mean is None:
       raise ExpansionError(
         "router_init='copy_offset' needs router_input_mean (the mean router "
@@ -341,6 +355,15 @@ def expand_params(
       offsets = moe_layer_rows(
         infos, router_offsets(router_input_mean, router_offset), "router_input_mean"
       )
+    elif router_init == "copy_contrast":
+      shift = np.asarray(router_column_shift, np.float32)
+      shift = shift[None] if shift.ndim == 1 else shift
+      if shift.ndim != 2 or not np.all(np.isfinite(shift)):
+        raise ExpansionError(
+          f"router_column_shift must be finite [embed] or [num_moe_layers, embed], got shape "
+          f"{shift.shape}."
+        )
+      offsets = moe_layer_rows(infos, -shift, "router_column_shift")
 
     def grow(leaves, key):
       out = {}
@@ -348,7 +371,7 @@ def expand_params(
         x = leaves[info.key]
         leaf_key = _leaf_noise_key(key, info.names)
         new = None
-        if router_init == "copy" or router_init == "copy_offset" or not is_router_leaf(info):
+        if router_init == "copy" or router_init in COPIED_ROUTER_INITS or not is_router_leaf(info):
           new = _copy_new_slices(x, info, rows[info.key], leaf_key, noise_scale)
         if router_init != "copy" and is_router_leaf(info):
           new = _new_router_columns(

@@ -38,12 +38,16 @@ class MethodOptions:
       ``expert_init`` makes them: source column + noise, or the router initializer), "copy_offset"
       (copy init only: source column + noise ``- router_offset * mu / |mu|^2``, mu = mean router
       input of the new phase's train data under the previous model, so that on the new data the
-      copy's logit is on average ``router_offset`` below its source's), "zero" or "small_random"
-      (``N(0, (noise_scale * std(old kernel))^2)``).
+      copy's logit is on average ``router_offset`` below its source's), "copy_contrast" (copy
+      init only: source column + noise + a shift that puts the copy's logit on average
+      ``router_offset`` above its source's on the new data and below it on the earlier
+      distributions, along their linear discriminant: ``router_contrast``), "zero" or
+      "small_random" (``N(0, (noise_scale * std(old kernel))^2)``).
       Default "copy_offset" (chosen by the study, docs/study.md: the only option that keeps the
       step-0 change on old distributions under 0.5%).
-    router_offset: copy_offset: the mean logit gap (>= 0); mu is measured on ``usage_batches``
-      batches of the phase's own data (never earlier phases' data). Default 2.0.
+    router_offset: copy_offset / copy_contrast: the mean logit gap (>= 0); mu is measured on
+      ``usage_batches`` batches of the phase's own data (never earlier phases' data; copy_contrast
+      also uses the earlier distributions' moments, measured like EWC's Fisher). Default 2.0.
     new_slice_opt_state: optimizer statistics of new expert slices (``expand_opt_state``):
       "zeros", "source" (copy of the source expert's statistics; copy init only) or "mean" (mean
       of the old slices). Default "source" (with copy_offset: the least old-distribution traffic
@@ -132,7 +136,7 @@ class MethodOptions:
           ("router_init", self.router_init),
           ("new_slice_opt_state", self.new_slice_opt_state),
         )
-        if value in ("copy_offset", "source")
+        if value in ("copy_offset", "copy_contrast", "source")
       ]
       if needs_copy:
         raise MethodError(

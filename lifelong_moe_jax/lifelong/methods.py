@@ -238,18 +238,23 @@ class Method:
     """Work saved with the phase's step-0 checkpoint in ``start_dir`` (the temporary phase folder,
     renamed to ``setup.phase_dir`` once complete): the EWC Fisher of the previous phase; the
     earlier distributions' mean router inputs (``project_new_router_updates``) and router-input
-    moments (``router_rehearsal_weight``)."""
+    moments (``router_rehearsal_weight``, ``router_init="copy_contrast"``)."""
     if self.penalty == "ewc":
       ewc_fisher.save_accumulated_fisher(self, setup, start_dir)
     if self._projects_router(setup):
       router_projection.save_accumulated_means(self, setup, start_dir)
-    if self._rehearses_router(setup):
+    if self._saves_router_moments(setup):
       router_rehearsal.save_accumulated_moments(self, setup, start_dir)
 
   def _rehearses_router(self, setup: PhaseSetup) -> bool:
     return bool(
       setup.options.router_rehearsal_weight > 0 and self.added_experts(setup.schedule, setup.index)
     )
+
+  def _saves_router_moments(self, setup: PhaseSetup) -> bool:
+    # copy_contrast reads the earlier distributions' moments saved with the previous phase.
+    contrast = setup.options.router_init == "copy_contrast" and self.expand
+    return self._rehearses_router(setup) or bool(contrast and setup.options.expert_init == "copy")
 
   def _projects_router(self, setup: PhaseSetup) -> bool:
     return bool(

@@ -177,6 +177,7 @@ def expand_for_phase(
   router_init: RouterInit = "copy",
   router_offset: float = 1.0,
   router_input_mean: Any = None,
+  router_column_shift: Any = None,
   new_slice_opt_state: NewSliceState = "zeros",
 ) -> ExpansionResult:
   """Checked surgery for the start of a phase: params, optimizer state and the phase record.
@@ -199,6 +200,7 @@ def expand_for_phase(
     router_init=router_init,
     router_offset=router_offset,
     router_input_mean=router_input_mean,
+    router_column_shift=router_column_shift,
   )
   validate_expansion(params, new_params, params_axes, add_experts)
   sources = (
@@ -226,7 +228,7 @@ def expand_for_phase(
     ).tolist()
   if add_experts and router_init != "copy":
     extra["router_init"] = router_init
-    if router_init == "copy_offset":
+    if router_init in ("copy_offset", "copy_contrast"):
       extra["router_offset"] = float(router_offset)
   if add_experts and new_slice_opt_state != "zeros":
     extra["new_slice_opt_state"] = new_slice_opt_state

@@ -20,7 +20,9 @@ from lifelong_moe_jax import partitioning
 from lifelong_moe_jax.eval import phase_eval
 from lifelong_moe_jax.lifelong import checkpoint_expansion
 from lifelong_moe_jax.lifelong import methods as methods_lib
+from lifelong_moe_jax.lifelong import router_contrast
 from lifelong_moe_jax.lifelong import router_input
+from lifelong_moe_jax.lifelong import router_rehearsal
 from lifelong_moe_jax.lifelong.phase_layout import LayoutError, RunLayout
 from lifelong_moe_jax.lifelong.phase_record import METADATA_KEY, PhaseRecord, record_from_metadata
 from lifelong_moe_jax.models import lm
@@ -119,6 +121,25 @@ def build_phase_start(
       data_shards=layout.data_shards,
     )
 
+  def router_column_shift(model: lm.LanguageModel, params: PyTree) -> Any:
+    # The new phase's own data, and the earlier distributions' moments: the previous phase's data
+    # under its final params, the older ones as saved at the starts of the phases after them.
+    new_mean, new_second = router_input.measure_phase_data_moments(
+      model,
+      params,
+      partitioner,
+      schedule,
+      index,
+      options.usage_batches,
+      data_dir=data_dir,
+      data_shards=layout.data_shards,
+    )
+    setup = phase_setup(layout, partitioner, data_dir, method, index, None, params)
+    old_mean, old_second = router_rehearsal.accumulated_moments(method_obj, setup)
+    return router_contrast.contrast_shift(
+      new_mean, new_second, old_mean, old_second, options.router_offset
+    )
+
   def prepare(tmp_dir: str, previous_params: PyTree) -> None:
     setup = phase_setup(layout, partitioner, data_dir, method, index, None, previous_params)
     method_obj.prepare_phase_start(setup, tmp_dir)
@@ -141,6 +162,7 @@ def build_phase_start(
     router_init=options.router_init,
     router_offset=options.router_offset,
     router_input_mean=router_input_mean,
+    router_column_shift=router_column_shift,
     new_slice_opt_state=options.new_slice_opt_state,
     lifelong_info=layout.lifelong_info(method, index),
     prepare=prepare if destination is None else None,

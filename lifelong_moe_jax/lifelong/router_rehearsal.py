@@ -275,18 +275,25 @@ def load_moments(directory: str) -> tuple[np.ndarray, np.ndarray] | None:
     return data["mean"], data["second_moment"]
 
 
-def save_accumulated_moments(method: Method, setup: PhaseSetup, start_dir: str):
+def accumulated_moments(method: Method, setup: PhaseSetup) -> tuple[np.ndarray, np.ndarray]:
   """The previous phase's router-input moments (its own distribution's train data, its final
-  params, ``usage_batches`` batches) appended to those saved with the previous phase; written to
-  ``start_dir`` by process 0. Returns ``(mean [P, M, d], second_moment [P, M, d, d])``."""
-  t0 = time.perf_counter()
+  params, ``usage_batches`` batches) appended to those saved with the previous phase:
+  ``(mean [P, M, d], second_moment [P, M, d, d])``, one row per earlier distribution."""
   mean, second = router_input.measure_previous_phase_moments(method, setup)
   earlier = load_moments(setup.previous_phase_dir)
   if earlier is not None:
-    mean = np.concatenate([earlier[0], mean[None]], axis=0)
-    second = np.concatenate([earlier[1], second[None]], axis=0)
-  else:
-    mean, second = mean[None], second[None]
+    return (
+      np.concatenate([earlier[0], mean[None]], axis=0),
+      np.concatenate([earlier[1], second[None]], axis=0),
+    )
+  return mean[None], second[None]
+
+
+def save_accumulated_moments(method: Method, setup: PhaseSetup, start_dir: str):
+  """``accumulated_moments`` written to ``start_dir`` by process 0 (for the router rehearsal and
+  the ``copy_contrast`` router columns of the following phases); returns them."""
+  t0 = time.perf_counter()
+  mean, second = accumulated_moments(method, setup)
   if jax.process_index() == 0:  # every process measured (collectively); one writes
     os.makedirs(start_dir, exist_ok=True)
     save_moments(start_dir, mean, second)
