@@ -35,8 +35,9 @@ test: lint
 demo: data
 	$(PY) -m lifelong_moe_jax.demo --data_dir $(DATA_DIR) --model_dir $(MODEL_DIR)
 
-# The issue-11 study (81 min measured on 2 quiet CPU cores; not part of `make test` or CI). Needs the Debian
-# packages fortunes-de fortunes-ru fortunes-zh; stops at once with the install command otherwise.
+# The issue-11 study (about 84 min on 2 quiet CPU cores; not part of `make test` or CI). Needs the
+# Debian packages fortunes-de fortunes-ru fortunes-zh; stops at once with the install command
+# otherwise.
 study: $(STAMP)
 	$(PY) -m lifelong_moe_jax.study --data_dir $(STUDY_DATA_DIR) --model_dir $(STUDY_DIR) \
 	  --claims_method=lifelong_moe_offset2_src
