@@ -5,7 +5,7 @@ r"""Step-0 effect of the router-column options of expert expansion (``MethodOpti
       --mixture lifelong_fortunes_intl \
       --eval_tasks lifelong_wiki_en,lifelong_fortunes_intl,lifelong_dialog_en \
       [--add_experts 2] [--router_inits copy,copy_offset,copy_contrast,zero,small_random] \
-      [--old_mixture lifelong_wiki_en] \
+      [--old_mixture lifelong_wiki_en] [--router_old_offsets 4,8] \
       [--router_offsets 1,2,4] \
       [--length 128] [--eval_batch 8] [--eval_batches 8] [--mean_batches 4]
 
@@ -20,7 +20,9 @@ train batches of ``--mixture`` (the new phase's data) with the checkpoint's mode
 phase start does; it is evaluated once per ``--router_offsets`` value. ``copy_contrast``'s shift
 (``router_contrast.contrast_shift``) uses the router-input moments of ``--mixture`` and of
 ``--old_mixture`` (the earlier distribution; default the first ``--eval_tasks`` entry that is not
-``--mixture``), also once per ``--router_offsets`` value.
+``--mixture``), also once per ``--router_offsets`` value, and per ``--router_old_offsets`` value
+when given (the gap below the source on the earlier distribution, ``contrast_shift``'s
+``old_margin``; rows ``copy_contrast (offset/old offset)``).
 
 Prints one table: per option and distribution, the relative perplexity change
 ``ppl_after / ppl_before - 1`` and the share of the distribution's top-k routing assignments that
@@ -71,6 +73,11 @@ def parse_args() -> argparse.Namespace:
     "--router_offsets",
     default="1.0",
     help="comma-separated copy_offset / copy_contrast gaps (one row each)",
+  )
+  p.add_argument(
+    "--router_old_offsets",
+    default="",
+    help="comma-separated copy_contrast gaps below the source on --old_mixture (default: symmetric)",
   )
   p.add_argument(
     "--old_mixture",
@@ -159,16 +166,24 @@ def main() -> None:
   new_model = lm.LanguageModel(expansion.expanded_config(config, args.add_experts))
   axes = model.params_logical_axes()
   offsets = [float(x) for x in args.router_offsets.split(",") if x.strip()]
+  old_offsets = [float(x) for x in args.router_old_offsets.split(",") if x.strip()] or [None]
   shifted = expansion.COPIED_ROUTER_INITS
   variants = [
-    (name, offset) for name in inits for offset in (offsets if name in shifted else [0.0])
+    (name, offset, old_offset)
+    for name in inits
+    for offset in (offsets if name in shifted else [0.0])
+    for old_offset in (old_offsets if name == "copy_contrast" else [None])
   ]
   rows = {}
-  for name, offset in variants:
+  for name, offset, old_offset in variants:
     label = f"{name} ({offset:g})" if name in shifted else name
+    if old_offset is not None:
+      label = f"{name} ({offset:g}/{old_offset:g})"
     shift = None
     if name == "copy_contrast":
-      shift = router_contrast.contrast_shift(mu, second, old[0][None], old[1][None], offset)
+      shift = router_contrast.contrast_shift(
+        mu, second, old[0][None], old[1][None], offset, old_margin=old_offset
+      )
     new_params = expansion.expand_params(
       params,
       axes,

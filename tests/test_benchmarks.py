@@ -219,9 +219,10 @@ def test_router_init_step0_prints_the_step0_table(prepared_data_dir, tmp_path):
     "--eval_batches=1",
     "--mean_batches=1",
     "--router_offsets=1,4",
+    "--router_old_offsets=8",
   )
   assert "2 -> 4 experts per MoE layer" in out, out
-  labels = ("copy", r"copy_offset \(1\)", r"copy_offset \(4\)", r"copy_contrast \(4\)", "zero")
+  labels = ("copy", r"copy_offset \(1\)", r"copy_offset \(4\)", r"copy_contrast \(4/8\)", "zero")
   for label in labels + ("small_random",):
     assert re.search(
       rf"\| {label} \| [+-][0-9.]+% \| [0-9.]+% \| [+-][0-9.]+% \| [0-9.]+% \|", out

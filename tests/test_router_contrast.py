@@ -53,6 +53,16 @@ def test_mean_constraints_hold_for_pooled_earlier_distributions():
   np.testing.assert_allclose(
     router_contrast.contrast_shift(*new, *old, margin=0.0), np.zeros((layers, d)), atol=1e-12
   )
+  # An asymmetric gap: +2 on the new data, -5 on the old; linear in the two gaps.
+  lopsided = router_contrast.contrast_shift(*new, *old, margin=2.0, old_margin=5.0)
+  for layer in range(layers):
+    assert lopsided[layer] @ new[0][layer] == pytest.approx(2.0, abs=1e-4)
+    assert lopsided[layer] @ pooled[layer] == pytest.approx(-5.0, abs=1e-4)
+  up = router_contrast.contrast_shift(*new, *old, margin=1.0, old_margin=0.0)
+  down = router_contrast.contrast_shift(*new, *old, margin=0.0, old_margin=1.0)
+  np.testing.assert_allclose(lopsided, 2.0 * up + 5.0 * down, rtol=1e-4, atol=1e-5)
+  with pytest.raises(router_contrast.ContrastError, match="old_margin"):
+    router_contrast.contrast_shift(*new, *old, margin=2.0, old_margin=-1.0)
 
 
 def test_tokens_split_along_the_discriminant():

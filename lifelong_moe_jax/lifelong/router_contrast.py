@@ -7,13 +7,13 @@ copy noise), so that the new expert's logit minus its source's is ``s . x`` for 
 new phase's data under the previous model; each earlier distribution's at the start of the phase
 after it, ``router_rehearsal.save_accumulated_moments``): of all shifts with
 
-  ``s . mu_new = +margin`` and ``s . mu_old = -margin``
+  ``s . mu_new = +margin`` and ``s . mu_old = -old_margin``
 
 (on average over the new data the copy's logit is ``margin`` above its source's, over the old data
-``margin`` below), the one whose token-by-token spread around those means, ``s^T Sigma s``, is the
+``old_margin`` below; ``old_margin`` defaults to ``margin``), the one whose token-by-token spread around those means, ``s^T Sigma s``, is the
 least:
 
-  ``s = Sigma^-1 B (B^T Sigma^-1 B)^-1 [margin, -margin]``,  ``B = [mu_new, mu_old]``,
+  ``s = Sigma^-1 B (B^T Sigma^-1 B)^-1 [margin, -old_margin]``,  ``B = [mu_new, mu_old]``,
 
 ``Sigma`` the mean of the two distributions' covariances (plus ``ridge`` times its mean
 eigenvalue), ``mu_old`` and its covariance those of the earlier distributions pooled at equal
@@ -39,6 +39,7 @@ def contrast_shift(
   old_second_moments: np.ndarray,
   margin: float,
   ridge: float = 1e-3,
+  old_margin: float | None = None,
 ) -> np.ndarray:
   """The shift added to copied router columns, float32 ``[M, embed]``.
 
@@ -47,8 +48,10 @@ def contrast_shift(
     new_second_moment: ``[M, embed, embed]`` its ``E[x x^T]``.
     old_means: ``[P, M, embed]`` the same for each of P earlier distributions.
     old_second_moments: ``[P, M, embed, embed]``.
-    margin: mean logit gap above the source on the new data and below it on the old (>= 0).
+    margin: mean logit gap above the source on the new data (>= 0).
     ridge: covariance regulariser, relative to the mean eigenvalue (> 0).
+    old_margin: mean logit gap below the source on the earlier distributions (>= 0; None:
+      ``margin``).
   Raises:
     ContrastError: bad shapes, non-finite moments, or means the shift cannot tell apart.
   """
@@ -65,14 +68,17 @@ def contrast_shift(
       f"old moments must be [P, M, d] and [P, M, d, d] with [M, d] = {mu_n.shape}, got "
       f"{mu_p.shape} and {s_p.shape}."
     )
-  if margin < 0 or ridge <= 0:
-    raise ContrastError(f"margin must be >= 0 and ridge > 0, got {margin} and {ridge}.")
+  old_margin = margin if old_margin is None else old_margin
+  if margin < 0 or old_margin < 0 or ridge <= 0:
+    raise ContrastError(
+      f"margin and old_margin must be >= 0 and ridge > 0, got {margin}, {old_margin} and {ridge}."
+    )
   if not all(np.all(np.isfinite(a)) for a in (mu_n, s_n, mu_p, s_p)):
     raise ContrastError("router-input moments are not finite; measure them on real tokens.")
   mu_o, s_o = mu_p.mean(axis=0), s_p.mean(axis=0)  # the pooled earlier distributions
   d = mu_n.shape[-1]
   out = np.zeros_like(mu_n)
-  target = np.array([margin, -margin])
+  target = np.array([margin, -old_margin])
   for layer in range(mu_n.shape[0]):
     a, b = mu_n[layer], mu_o[layer]
     sigma = 0.5 * (s_n[layer] - np.outer(a, a) + s_o[layer] - np.outer(b, b))
