@@ -10,8 +10,8 @@ after it, ``router_rehearsal.save_accumulated_moments``): of all shifts with
   ``s . mu_new = +margin`` and ``s . mu_old = -old_margin``
 
 (on average over the new data the copy's logit is ``margin`` above its source's, over the old data
-``old_margin`` below; ``old_margin`` defaults to ``margin``), the one whose token-by-token spread around those means, ``s^T Sigma s``, is the
-least:
+``old_margin`` below; ``old_margin`` defaults to ``margin``), the one whose token-by-token spread
+around those means, ``s^T Sigma s``, is the least:
 
   ``s = Sigma^-1 B (B^T Sigma^-1 B)^-1 [margin, -old_margin]``,  ``B = [mu_new, mu_old]``,
 
