@@ -81,6 +81,7 @@ def test_router_init_options_give_exact_new_columns(scanned):
   params, axes = _tree(scanned)
   key = jax.random.PRNGKey(0)
   mu = np.array([[1.0, 2.0, 2.0], [0.0, 3.0, 4.0]], np.float32)  # |mu|^2 = 9 and 25
+  shift = np.array([[0.5, -1.0, 2.0], [-3.0, 0.25, 1.0]], np.float32)  # copy_contrast, per layer
   default = expansion.expand_params(params, axes, N, rng=key, noise_scale=0.01)
   same = expansion.expand_params(
     params, axes, N, rng=key, noise_scale=0.01, router_init="copy", router_input_mean=mu
@@ -97,6 +98,7 @@ def test_router_init_options_give_exact_new_columns(scanned):
       router_init=name,
       router_offset=1.5,
       router_input_mean=mu,
+      router_column_shift=shift,
     )
     for name in expansion.ROUTER_INITS
   }
@@ -111,6 +113,9 @@ def test_router_init_options_give_exact_new_columns(scanned):
     )
     # On inputs with mean mu, the new logits are on average exactly 1.5 below the source's.
     np.testing.assert_allclose(mu[layer] @ offset[:, E:], mu[layer] @ old - 1.5, rtol=1e-5)
+    contrast = _routers(exact["copy_contrast"], scanned)[layer]
+    np.testing.assert_array_equal(contrast[:, :E], old)
+    np.testing.assert_allclose(contrast[:, E:], old[:, [0, 1]] + shift[layer][:, None], rtol=1e-6)
     zero = _routers(exact["zero"], scanned)[layer]
     np.testing.assert_array_equal(zero[:, :E], old)
     assert not zero[:, E:].any()
