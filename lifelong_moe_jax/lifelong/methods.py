@@ -50,7 +50,6 @@ import flax.linen as nn
 
 from lifelong_moe_jax import partitioning
 from lifelong_moe_jax.lifelong import distill
-from lifelong_moe_jax.lifelong.dense_reference import dense_config, dense_mlp_dim  # noqa: F401
 from lifelong_moe_jax.lifelong import ewc_fisher
 from lifelong_moe_jax.lifelong import expansion
 from lifelong_moe_jax.lifelong import freeze
@@ -59,6 +58,7 @@ from lifelong_moe_jax.lifelong import new_expert_balance
 from lifelong_moe_jax.lifelong import penalties
 from lifelong_moe_jax.lifelong import router_projection
 from lifelong_moe_jax.lifelong import router_rehearsal
+from lifelong_moe_jax.lifelong.dense_reference import dense_config, dense_mlp_dim  # noqa: F401
 from lifelong_moe_jax.lifelong.method_options import MethodError, MethodOptions
 from lifelong_moe_jax.lifelong.phase_record import PhaseRecord
 from lifelong_moe_jax.lifelong.schedule import LifelongSchedule
@@ -87,6 +87,9 @@ class PhaseSetup:
     record: the phase record at the phase start (None for dense models).
     data_shards: input shards of a global batch (None: the process count; see
       ``training.run.resolve_data_shards``).
+    earlier_router_moments: ``(mean [P, M, d], second_moment [P, M, d, d])`` of the earlier
+      distributions' router inputs when the phase start already measured them (copy_contrast),
+      else None (``router_rehearsal.save_accumulated_moments`` measures them).
   """
 
   schedule: LifelongSchedule
@@ -100,6 +103,7 @@ class PhaseSetup:
   previous_params: Callable[[], PyTree]
   record: PhaseRecord | None
   data_shards: int | None = None
+  earlier_router_moments: tuple[Any, Any] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -253,8 +257,9 @@ class Method:
 
   def _saves_router_moments(self, setup: PhaseSetup) -> bool:
     # copy_contrast reads the earlier distributions' moments saved with the previous phase.
-    contrast = setup.options.router_init == "copy_contrast" and self.expand
-    return self._rehearses_router(setup) or bool(contrast and setup.options.expert_init == "copy")
+    return self._rehearses_router(setup) or (
+      setup.options.router_init == "copy_contrast" and self.expand
+    )
 
   def _projects_router(self, setup: PhaseSetup) -> bool:
     return bool(

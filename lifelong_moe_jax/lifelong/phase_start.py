@@ -9,6 +9,7 @@ regularizers and optimizer wrapper (the previous phase's params restored at most
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Any
 
@@ -108,9 +109,9 @@ def build_phase_start(
         params, layout.mixture_for(method, index), options.usage_batches
       )
 
-  def router_input_mean(model: lm.LanguageModel, params: PyTree) -> Any:
+  def new_data_moments(model: lm.LanguageModel, params: PyTree) -> Any:
     # The new phase's own data only (never earlier phases', even for replay mixtures).
-    return router_input.measure_phase_data_mean(
+    return router_input.measure_phase_data_moments(
       model,
       params,
       partitioner,
@@ -121,27 +122,27 @@ def build_phase_start(
       data_shards=layout.data_shards,
     )
 
+  def router_input_mean(model: lm.LanguageModel, params: PyTree) -> Any:
+    return new_data_moments(model, params)[0]
+
+  # The earlier distributions' router-input moments measured for copy_contrast, saved by
+  # ``prepare`` without measuring them again.
+  earlier: dict[str, Any] = {}
+
   def router_column_shift(model: lm.LanguageModel, params: PyTree) -> Any:
-    # The new phase's own data, and the earlier distributions' moments: the previous phase's data
-    # under its final params, the older ones as saved at the starts of the phases after them.
-    new_mean, new_second = router_input.measure_phase_data_moments(
-      model,
-      params,
-      partitioner,
-      schedule,
-      index,
-      options.usage_batches,
-      data_dir=data_dir,
-      data_shards=layout.data_shards,
-    )
+    # The earlier distributions' moments: the previous phase's data under its final params, the
+    # older ones as saved at the starts of the phases after them.
+    new_mean, new_second = new_data_moments(model, params)
     setup = phase_setup(layout, partitioner, data_dir, method, index, None, params)
-    old_mean, old_second = router_rehearsal.accumulated_moments(method_obj, setup)
+    earlier["moments"] = router_rehearsal.accumulated_moments(method_obj, setup)
+    old_mean, old_second = earlier["moments"]
     return router_contrast.contrast_shift(
       new_mean, new_second, old_mean, old_second, options.router_offset
     )
 
   def prepare(tmp_dir: str, previous_params: PyTree) -> None:
     setup = phase_setup(layout, partitioner, data_dir, method, index, None, previous_params)
+    setup = dataclasses.replace(setup, earlier_router_moments=earlier.get("moments"))
     method_obj.prepare_phase_start(setup, tmp_dir)
 
   expanded = checkpoint_expansion.expand_checkpoint(

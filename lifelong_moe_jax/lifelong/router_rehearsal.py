@@ -290,10 +290,11 @@ def accumulated_moments(method: Method, setup: PhaseSetup) -> tuple[np.ndarray, 
 
 
 def save_accumulated_moments(method: Method, setup: PhaseSetup, start_dir: str):
-  """``accumulated_moments`` written to ``start_dir`` by process 0 (for the router rehearsal and
-  the ``copy_contrast`` router columns of the following phases); returns them."""
+  """``accumulated_moments`` (``setup.earlier_router_moments`` when the phase start already
+  measured them) written to ``start_dir`` by process 0 (for the router rehearsal and the
+  ``copy_contrast`` router columns of the following phases); returns them."""
   t0 = time.perf_counter()
-  mean, second = accumulated_moments(method, setup)
+  mean, second = setup.earlier_router_moments or accumulated_moments(method, setup)
   if jax.process_index() == 0:  # every process measured (collectively); one writes
     os.makedirs(start_dir, exist_ok=True)
     save_moments(start_dir, mean, second)
