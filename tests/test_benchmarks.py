@@ -153,8 +153,9 @@ def test_mfu_reports_achieved_flops_on_cpu():
     assert re.search(rf"{dispatch} +step +[0-9.]+ ms .* GFLOP/s +MFU n/a", out), out
 
 
-def _tiny_moe_checkpoint(prepared_data_dir, tmp_path) -> str:
-  """A tiny MoE (2 experts) trained 2 steps here and saved as a run; returns the run dir."""
+def _tiny_moe_checkpoint(prepared_data_dir, tmp_path, steps=2, name="tiny") -> str:
+  """A tiny MoE (2 experts) trained ``steps`` steps here (the same batches in the same order for
+  every ``steps``) and saved as a run ``tmp_path/name``; returns the run dir."""
   import dataclasses  # pylint: disable=import-outside-toplevel
   import numpy as np  # pylint: disable=import-outside-toplevel
   from lifelong_moe_jax import checkpoint_manager  # pylint: disable=import-outside-toplevel
@@ -184,15 +185,15 @@ def _tiny_moe_checkpoint(prepared_data_dir, tmp_path) -> str:
   )
   state = trainer.init_state()
   rng = np.random.default_rng(0)
-  for _ in range(2):
+  for _ in range(steps):
     tokens = rng.integers(1, vocab.vocab_size, (8, 32)).astype(np.int32)
     state, _ = trainer.train_step(
       state, trainer.global_batch({"decoder_input_tokens": tokens, "decoder_target_tokens": tokens})
     )
-  model_dir = str(tmp_path / "tiny")
+  model_dir = str(tmp_path / name)
   checkpoint_manager.save_state(
     model_dir,
-    2,
+    steps,
     state,
     {
       "model_config": dataclasses.asdict(config),
@@ -256,6 +257,39 @@ def test_router_separability_prints_probe_rows(prepared_data_dir, tmp_path):
   assert 0.5 < row["balanced_accuracy"] <= 1.0  # trained on these tokens' inputs: above chance
   assert 0.0 <= row["b_energy_outside_a_99"] <= row["b_energy_outside_a_90"] <= 1.0
   assert 1 <= row["a_rank_90"] <= row["a_rank_99"] <= 16
+
+
+def test_forgetting_attribution_restores_groups_back_to_the_reference(prepared_data_dir, tmp_path):
+  """The tiny MoE after 2 steps is the reference, after 6 the checkpoint: restoring every group
+  gives the reference's own perplexities (evaluated with its own params), the trained row differs."""
+  import json  # pylint: disable=import-outside-toplevel
+
+  reference = _tiny_moe_checkpoint(prepared_data_dir, tmp_path, steps=2, name="early")
+  later = _tiny_moe_checkpoint(prepared_data_dir, tmp_path, steps=6, name="late")
+  out_json, out_png = str(tmp_path / "attr.json"), str(tmp_path / "attr.png")
+  out = _run(
+    "forgetting_attribution.py",
+    prepared_data_dir,
+    f"--checkpoint={later}",
+    f"--reference={reference}",
+    f"--data_dir={prepared_data_dir}",
+    "--tasks=lifelong_wiki_en,lifelong_code_py",
+    "--eval_batch=2",
+    "--eval_batches=2",
+    "--length=32",
+    f"--json={out_json}",
+    f"--png={out_png}",
+  )
+  assert re.search(r"\| restore attention \| [0-9,.]+ \([+-][0-9.]+%\) \|", out), out
+  with open(out_json) as f:
+    rows = {r["label"]: r["results"] for r in json.load(f)["rows"]}
+  assert list(rows)[:2] == ["reference", "trained"]
+  for task in ("lifelong_wiki_en", "lifelong_code_py"):
+    ref = rows["reference"][task]["loss"]
+    assert abs(rows["restore all shared + old experts"][task]["loss"] - ref) < 1e-5
+    assert abs(rows["trained"][task]["loss"] - ref) > 1e-4
+  with open(out_png, "rb") as f:
+    assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 
 
 def test_distill_step_prints_the_ratio_and_a_live_kl(prepared_data_dir):

@@ -472,6 +472,16 @@ REGISTRY: dict[str, Run | Elsewhere | Excluded] = {
       ('"router_separability.py"', "--checkpoint=", "--data_dir=", "--tasks="),
     )
   ),
+  "python benchmarks/forgetting_attribution.py --checkpoint "
+  "runs/study/lifelong_moe_offset2_src/phase_1_fortunes_intl --reference "
+  "runs/study/shared/phase_0_wiki_en --data_dir ./data_study --tasks "
+  "lifelong_wiki_en,lifelong_fortunes_intl,lifelong_dialog_en --png forgetting_attribution.png": (
+    Elsewhere(
+      # on tiny runs of its own: the study's checkpoints and data_study come from `make study`
+      "tests/test_benchmarks.py::test_forgetting_attribution_restores_groups_back_to_the_reference",
+      ('"forgetting_attribution.py"', "--checkpoint=", "--reference=", "--data_dir=", "--tasks="),
+    )
+  ),
   # --- not run by the test suite ----------------------------------------------------------------
   "make demo": Excluded(
     "CI runs `make demo` after `make test` (about 15 min on 2 cores); the same CLI runs the same "
