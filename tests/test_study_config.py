@@ -42,3 +42,19 @@ def test_study_and_sweep_configs_resolve():
   assert set(study) < set(sweep)
   assert sweep["lifelong_moe_offset2_all"].balance_new_experts_only is True
   assert sweep["lifelong_moe_offset2_all"].router_distill_weight == 1.0
+
+
+def test_sweep_variants_of_the_attribution_and_penalty_studies():
+  """The variants docs/study.md reports on resolve to the recipes and options it describes."""
+  _, sweep = _methods("lifelong/study_cpu.gin", "lifelong/study_sweep.gin")
+  assert sweep["lifelong_moe_offset2_src_fs"].freeze_shared is True
+  assert sweep["lifelong_moe_offset2_src_fs_dw0"].distill_weight == 0.0
+  assert sweep["lifelong_moe_contrast2_src_fs"].router_init == "copy_contrast"
+  nofreeze = methods_lib.get_method("lifelong_moe_offset2_src_nofreeze")
+  assert (nofreeze.expand, nofreeze.freeze_old_experts, nofreeze.distill) == (True, False, True)
+  assert sweep["ewc_w1e4"].ewc_weight == 1e4 and sweep["ewc_w1e6"].ewc_weight == 1e6
+  assert methods_lib.get_method("ewc_w1e6").penalty == "ewc"
+  assert sweep["l2_w0.1"].l2_weight == 0.1
+  combined = methods_lib.get_method("lifelong_moe_offset2_src_l2w0.1")
+  assert (combined.expand, combined.freeze_old_experts, combined.distill) == (True, True, True)
+  assert combined.penalty == "l2" and sweep["lifelong_moe_offset2_src_l2w0.1"].l2_weight == 0.1
