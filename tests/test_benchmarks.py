@@ -6,6 +6,8 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -290,6 +292,56 @@ def test_forgetting_attribution_restores_groups_back_to_the_reference(prepared_d
     assert abs(rows["trained"][task]["loss"] - ref) > 1e-4
   with open(out_png, "rb") as f:
     assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_distillation_bound_matches_the_evaluator_and_mixes_the_two_models(
+  prepared_data_dir, tmp_path
+):
+  """The fit model's perplexity equals loss_eval's on the same batches; w=0 gives it back; the
+  mixture's perplexity stays within the (1 + w) bound."""
+  import json  # pylint: disable=import-outside-toplevel
+
+  from lifelong_moe_jax import checkpoints  # pylint: disable=import-outside-toplevel
+  from lifelong_moe_jax import partitioning  # pylint: disable=import-outside-toplevel
+  from lifelong_moe_jax.eval import loss_eval  # pylint: disable=import-outside-toplevel
+
+  teacher = _tiny_moe_checkpoint(prepared_data_dir, tmp_path, steps=2, name="teacher")
+  fit = _tiny_moe_checkpoint(prepared_data_dir, tmp_path, steps=6, name="fit")
+  out_json = str(tmp_path / "bound.json")
+  out = _run(
+    "distillation_bound.py",
+    prepared_data_dir,
+    f"--fit={fit}",
+    f"--teacher={teacher}",
+    f"--data_dir={prepared_data_dir}",
+    "--tasks=lifelong_dialog_en",
+    "--weights=0,1,0.3",
+    "--eval_batch=8",
+    "--eval_batches=1",
+    "--length=32",
+    f"--json={out_json}",
+  )
+  assert re.search(r"\| lifelong_dialog_en \| [0-9,.]+ \| [0-9,.]+ \| [0-9,.]+ \|", out), out
+  with open(out_json) as f:
+    row = json.load(f)["rows"][0]
+  loaded = checkpoints.load_checkpoint(
+    fit, mesh_config=partitioning.MeshConfig(), data_dir=prepared_data_dir
+  )
+  evaluator = loss_eval.Evaluator(
+    loaded.model,
+    loaded.partitioner,
+    ["lifelong_dialog_en"],
+    {"targets": 32},
+    8,
+    max_batches=1,
+    data_dir=prepared_data_dir,
+  )
+  reference = evaluator.evaluate(loaded.params)["lifelong_dialog_en"]["perplexity"]
+  assert row["fit"] == pytest.approx(reference, rel=1e-4)
+  assert row["bounds"]["0.0"] == pytest.approx(row["fit"], rel=1e-9)
+  for w in (1.0, 0.3):
+    assert row["bounds"][str(w)] <= (1 + w) * row["fit"]
+  assert row["bounds"]["1.0"] != pytest.approx(row["fit"], rel=1e-6)  # the teacher mixed in
 
 
 def test_distill_step_prints_the_ratio_and_a_live_kl(prepared_data_dir):

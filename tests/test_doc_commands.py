@@ -482,6 +482,13 @@ REGISTRY: dict[str, Run | Elsewhere | Excluded] = {
       ('"forgetting_attribution.py"', "--checkpoint=", "--reference=", "--data_dir=", "--tasks="),
     )
   ),
+  "python benchmarks/distillation_bound.py --fit runs/study/finetune/phase_2_dialog_en --teacher "
+  "runs/study/lifelong_moe_offset2_src/phase_1_fortunes_intl --data_dir ./data_study --tasks "
+  "lifelong_dialog_en --weights 1,0.3,0.1": Elsewhere(
+    # on tiny runs of its own: the study's checkpoints and data_study come from `make study`
+    "tests/test_benchmarks.py::test_distillation_bound_matches_the_evaluator_and_mixes_the_two_models",
+    ('"distillation_bound.py"', "--fit=", "--teacher=", "--data_dir=", "--tasks=", "--weights="),
+  ),
   # --- not run by the test suite ----------------------------------------------------------------
   "make demo": Excluded(
     "CI runs `make demo` after `make test` (about 15 min on 2 cores); the same CLI runs the same "
