@@ -71,29 +71,33 @@ def main() -> None:
     args.eval_batch,
     data_dir=args.data_dir,
   )
-  rows = []
+  batches = {}
   for task in tasks:
     iterator, _ = evaluator._dataset(task, "validation")  # pylint: disable=protected-access
-    batches = list(itertools.islice(iterator, args.eval_batches))
-    if not batches:
+    batches[task] = list(itertools.islice(iterator, args.eval_batches))
+    if not batches[task]:
       raise SystemExit(f"{task!r} has no validation batch of {args.eval_batch} sequences.")
-    with fit.partitioner.context():
-      fit_ll, mask = distill_bound.token_log_likelihoods(fit.model, fit.params, batches)
-    with teacher.partitioner.context():
-      teacher_ll, _ = distill_bound.token_log_likelihoods(teacher.model, teacher.params, batches)
-    row = {
-      "task": task,
-      "fit": distill_bound.perplexity(fit_ll, mask),
-      "teacher": distill_bound.perplexity(teacher_ll, mask),
-      "bounds": {
-        str(w): distill_bound.perplexity(
-          distill_bound.mixture_log_likelihood(fit_ll, teacher_ll, w), mask
-        )
-        for w in weights
-      },
-      "tokens": float(mask.sum()),
-    }
-    rows.append(row)
+  with fit.partitioner.context():
+    fit_lls = distill_bound.token_log_likelihoods(fit.model, fit.params, batches)
+  with teacher.partitioner.context():
+    teacher_lls = distill_bound.token_log_likelihoods(teacher.model, teacher.params, batches)
+  rows = []
+  for task in tasks:
+    (fit_ll, mask), (teacher_ll, _) = fit_lls[task], teacher_lls[task]
+    rows.append(
+      {
+        "task": task,
+        "fit": distill_bound.perplexity(fit_ll, mask),
+        "teacher": distill_bound.perplexity(teacher_ll, mask),
+        "bounds": {
+          str(w): distill_bound.perplexity(
+            distill_bound.mixture_log_likelihood(fit_ll, teacher_ll, w), mask
+          )
+          for w in weights
+        },
+        "tokens": float(mask.sum()),
+      }
+    )
   print(
     f"fit {fit.step_dir}, teacher {teacher.step_dir}; {args.eval_batches} batches of "
     f"{args.eval_batch} x {args.length} per task"

@@ -97,8 +97,7 @@ def main() -> None:
   reference = checkpoints.load_checkpoint(args.reference, mesh_config=mesh, data_dir=args.data_dir)
   trained = checkpoints.load_checkpoint(args.checkpoint, mesh_config=mesh, data_dir=args.data_dir)
   axes = trained.model.params_logical_axes()
-  host = jax.tree_util.tree_map(np.asarray, jax.device_get(trained.params))
-  ref_host = jax.tree_util.tree_map(np.asarray, jax.device_get(reference.params))
+  host, ref_host = jax.device_get((trained.params, reference.params))
   try:
     param_attribution.check_compatible(host, ref_host, axes)
   except ParamTreeError as e:

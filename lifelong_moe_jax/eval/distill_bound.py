@@ -18,7 +18,7 @@ measured perplexity with this bound tells whether its gap to fine-tuning is the 
 
 from __future__ import annotations
 
-from typing import Any, Iterable
+from typing import Any, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -53,10 +53,11 @@ def perplexity(token_ll: Any, token_weights: Any) -> float:
 
 
 def token_log_likelihoods(
-  model: lm.LanguageModel, params: Any, batches: Iterable[dict[str, Any]]
-) -> tuple[np.ndarray, np.ndarray]:
-  """``(log-likelihoods [tokens], loss weights [tokens])`` of every target position of
-  ``batches`` (host batches of ``decoder_*`` features) in eval mode, flattened in batch order."""
+  model: lm.LanguageModel, params: Any, batches_by_task: Mapping[str, Sequence[dict[str, Any]]]
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+  """``{task: (log-likelihoods [tokens], loss weights [tokens])}`` of every target position of
+  each task's host batches (``decoder_*`` features) in eval mode, flattened in batch order; one
+  compiled step serves every task."""
 
   @jax.jit
   def step(p, batch):
@@ -65,11 +66,14 @@ def token_log_likelihoods(
       batch
     )
 
-  lls, weights = [], []
-  for batch in batches:
-    ll, w = step(params, {k: jnp.asarray(v) for k, v in batch.items()})
-    lls.append(np.asarray(ll, np.float64).reshape(-1))
-    weights.append(np.asarray(w, np.float64).reshape(-1))
-  if not lls:
-    raise ValueError("No batch to evaluate.")
-  return np.concatenate(lls), np.concatenate(weights)
+  out = {}
+  for task, batches in batches_by_task.items():
+    if not batches:
+      raise ValueError(f"No batch of {task!r} to evaluate.")
+    lls, weights = [], []
+    for batch in batches:
+      ll, w = step(params, {k: jnp.asarray(v) for k, v in batch.items()})
+      lls.append(np.asarray(ll, np.float64).reshape(-1))
+      weights.append(np.asarray(w, np.float64).reshape(-1))
+    out[task] = np.concatenate(lls), np.concatenate(weights)
+  return out

@@ -112,12 +112,6 @@ def measure_phase_data_moments(
   )
 
 
-def measure_phase_data_mean(*args, **kwargs) -> np.ndarray:
-  """float64 ``[num_moe_layers, embed]``: the mean of ``measure_phase_data_moments`` (same
-  arguments)."""
-  return measure_phase_data_moments(*args, **kwargs)[0]
-
-
 def measure_previous_phase_moments(method: Any, setup: Any) -> tuple[np.ndarray, np.ndarray]:
   """``measure_phase_data_moments`` of phase ``setup.index - 1``'s own data under its final
   params (the previous phase's model of ``method``, ``setup.options.usage_batches`` batches): the
