@@ -355,8 +355,12 @@ def test_distill_step_prints_the_ratio_and_a_live_kl(prepared_data_dir):
     "--steps=1",
     "--rounds=1",
     "--teacher_train_capacity",
+    "--teacher_samples",
   )
   assert re.search(r"lifelong_moe \(teacher cf [0-9.]+\) .* last KL", out), out
+  samples = re.search(r"lifelong_moe \(teacher samples\) .* last KL ([0-9.]+)\)", out)
+  assert samples and float(samples.group(1)) > 0, out
+  assert re.search(r"\(distill_inputs='teacher_samples'\): x[0-9.]+", out), out
   assert re.search(r"lifelong_moe / expand_freeze \(best teacher\): x[0-9.]+", out), out
   assert re.search(r"\(default teacher, eval capacity\): x[0-9.]+", out), out
   assert re.search(r"\(teacher_capacity='train'\): x[0-9.]+", out), out

@@ -301,7 +301,9 @@ def test_estimate_fisher_on_the_tiny_model_equals_a_naive_batch_loop(trained):
     seed=7919,
     repeat=True,
   )
-  fisher = penalties.estimate_fisher(model, params, iter(batches), num_batches=2)
+  fisher = penalties.estimate_fisher(
+    model, params, iter(batches), num_batches=2, estimator="batch_gradient"
+  )
 
   def mean_token_nll(p, batch):  # written out here, not lm.loss
     logp = jax.nn.log_softmax(model.logits(p, batch), axis=-1)

@@ -123,7 +123,9 @@ def test_estimate_fisher_is_the_mean_squared_batch_gradient():
     }
     for _ in range(4)
   ]
-  fisher = penalties.estimate_fisher(_LinearModel(), {"w": w}, iter(batches), num_batches=3)
+  fisher = penalties.estimate_fisher(
+    _LinearModel(), {"w": w}, iter(batches), num_batches=3, estimator="batch_gradient"
+  )
   grads = [2.0 / 8 * b["x"].T.astype(np.float64) @ (b["x"] @ w - b["y"]) for b in batches[:3]]
   np.testing.assert_allclose(np.asarray(fisher["w"]), np.mean(np.square(grads), axis=0), rtol=1e-5)
   assert fisher["w"].dtype == jnp.float32
@@ -131,6 +133,81 @@ def test_estimate_fisher_is_the_mean_squared_batch_gradient():
     penalties.estimate_fisher(_LinearModel(), {"w": w}, [])
   with pytest.raises(ValueError, match="loss must be"):
     penalties.estimate_fisher(_LinearModel(), {"w": w}, batches, loss="nll")
+  with pytest.raises(ValueError, match="estimator must be"):
+    penalties.estimate_fisher(_LinearModel(), {"w": w}, batches, estimator="per_example")
+  with pytest.raises(ValueError, match="log-likelihood only"):
+    penalties.estimate_fisher(_LinearModel(), {"w": w}, batches, loss="total")
+
+
+def _tiny_lm():
+  import flax.linen as nn  # pylint: disable=import-outside-toplevel
+
+  from lifelong_moe_jax.models import lm  # pylint: disable=import-outside-toplevel
+  from lifelong_moe_jax.models.config import ModelConfig  # pylint: disable=import-outside-toplevel
+
+  config = ModelConfig(
+    vocab_size=12, embed_dim=8, num_layers=1, num_heads=2, head_dim=4, mlp_dim=16, max_length=8
+  )
+  model = lm.LanguageModel(config)
+  params = nn.unbox(model.init(jax.random.PRNGKey(0)))
+  params = jax.tree_util.tree_map(lambda p: p * 3.0, params)  # peakier predictions
+  rng = np.random.default_rng(1)
+  targets = rng.integers(2, 12, size=(2, 5)).astype(np.int32)
+  batch = {
+    "decoder_target_tokens": targets,
+    "decoder_input_tokens": np.concatenate([np.zeros((2, 1), np.int32), targets[:, :-1]], 1),
+    "decoder_loss_weights": np.array([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]], np.int32),
+  }
+  return model, params, batch
+
+
+def _token_grads(model, params, batch):
+  """``grad(t, y)``: the gradient of ``-log p(y | x_<t)`` at flat token ``t``, one at a time."""
+
+  def nll(p, t, y):
+    logp = jax.nn.log_softmax(model.logits(p, batch).reshape(-1, 12), axis=-1)
+    return -logp[t, y]
+
+  return jax.jit(jax.grad(nll))
+
+
+def _sq_sum(tree):
+  return sum(float(np.sum(np.square(np.asarray(g, np.float64)))) for g in jax.tree.leaves(tree))
+
+
+def test_sampled_token_fisher_equals_a_per_token_loop_with_the_same_labels():
+  model, params, batch = _tiny_lm()
+  key = jax.random.PRNGKey(5)
+  fisher = penalties.estimate_fisher(model, params, iter([batch]), rng=key)
+  logits = model.logits(params, batch)
+  labels = np.asarray(jax.random.categorical(jax.random.fold_in(key, 0), logits, axis=-1))
+  grad = _token_grads(model, params, batch)
+  weights = batch["decoder_loss_weights"].reshape(-1)
+  total = None
+  for t in np.flatnonzero(weights):
+    g = grad(params, int(t), int(labels.reshape(-1)[t]))
+    total = g if total is None else jax.tree_util.tree_map(jnp.add, total, g)
+  want = jax.tree_util.tree_map(lambda g: np.square(np.asarray(g, np.float64)) / 8.0, total)
+  for got, w in zip(jax.tree.leaves(fisher), jax.tree.leaves(want)):
+    np.testing.assert_allclose(np.asarray(got), w, rtol=2e-3, atol=1e-6 * float(np.max(w)) + 1e-12)
+
+
+def test_sampled_token_fisher_is_unbiased_for_the_per_token_fisher():
+  """Averaged over label draws it approaches ``(1/N) sum_t sum_y p_t(y) g_t(y)^2``, enumerated
+  exactly."""
+  model, params, batch = _tiny_lm()
+  probs = np.asarray(jax.nn.softmax(model.logits(params, batch), axis=-1)).reshape(-1, 12)
+  grad = _token_grads(model, params, batch)
+  weights = batch["decoder_loss_weights"].reshape(-1)
+  exact = 0.0
+  for t in np.flatnonzero(weights):
+    for y in range(12):
+      exact += probs[t, y] * _sq_sum(grad(params, int(t), y))
+  exact /= weights.sum()
+  draws = 400
+  fisher = penalties.estimate_fisher(model, params, [batch] * draws, rng=jax.random.PRNGKey(2))
+  estimate = sum(float(np.sum(np.asarray(f, np.float64))) for f in jax.tree.leaves(fisher))
+  assert estimate == pytest.approx(exact, rel=0.1)
 
 
 def test_anchor_expansion_keeps_sharding():
@@ -144,3 +221,28 @@ def test_anchor_expansion_keeps_sharding():
   assert wi.shape == (8, 4, 5) and {s.data.shape for s in wi.addressable_shards} == {(2, 4, 5)}
   np.testing.assert_array_equal(np.asarray(wi[:4]), params["moe"]["wi"])
   assert param_tree.expert_axis(axes["moe"]["router"]) == 1
+
+
+def test_ewc_weight_and_fisher_accumulation_over_phases():
+  from lifelong_moe_jax.lifelong import ewc_fisher  # pylint: disable=import-outside-toplevel
+  from lifelong_moe_jax.lifelong import method_options  # pylint: disable=import-outside-toplevel
+
+  phases = [types.SimpleNamespace(steps=s) for s in (1500, 150, 300)]
+  schedule = types.SimpleNamespace(phases=phases)
+  assert ewc_fisher.bayesian_weight(schedule, 1) == 10.0
+  assert ewc_fisher.bayesian_weight(schedule, 2) == 1650 / 300
+  options = method_options.MethodOptions()
+  assert options.ewc_weight is None and options.fisher_estimator == "sampled_tokens"
+  assert ewc_fisher.ewc_weight(schedule, 1, options) == 10.0
+  assert ewc_fisher.ewc_weight(schedule, 1, method_options.MethodOptions(ewc_weight=3.0)) == 3.0
+  earlier, last = {"a": np.array([2.0, 4.0])}, {"a": np.array([13.0, 4.0])}
+  # Phase 2 uses phase 0's Fisher (1500 steps) and phase 1's (150 steps), step-weighted.
+  mean = ewc_fisher.accumulate_fisher(earlier, last, schedule, 2, "sampled_tokens")
+  np.testing.assert_allclose(mean["a"], [(1500 * 2 + 150 * 13) / 1650, 4.0])
+  summed = ewc_fisher.accumulate_fisher(earlier, last, schedule, 2, "batch_gradient")
+  np.testing.assert_allclose(summed["a"], [15.0, 8.0])
+  assert method_options.LEGACY_OPTION_VALUES["fisher_estimator"] == "batch_gradient"
+  with pytest.raises(method_options.MethodError, match="Bayesian weight"):
+    method_options.MethodOptions(fisher_estimator="batch_gradient")
+  with pytest.raises(method_options.MethodError, match="fisher_estimator must be"):
+    method_options.MethodOptions(fisher_estimator="empirical")

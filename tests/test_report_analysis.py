@@ -195,6 +195,18 @@ def test_claims_for_a_variant_and_the_method_summary_table():
   )
   best = {c.name: c for c in claims.evaluate_claims(report)}["best_without_old_data"]
   assert best.passed is True and "lm_r" not in best.measured
+  # A variant of a baseline (a tuned distill_only) is a candidate; a sibling variant is not.
+  tuned = json.loads(json.dumps(base))
+  tuned["spec"] = {"name": "do_t", "base": "distill_only", "option_overrides": {"x": 1}}
+  tuned["phases"][-1]["eval"]["lifelong_a"]["loss"] -= 0.5
+  sibling = json.loads(json.dumps(tuned))
+  sibling["spec"] = {"name": "lm_s", "base": "lifelong_moe", "option_overrides": {"x": 1}}
+  report["methods"].update({"do_t": tuned, "lm_s": sibling})
+  best = {c.name: c for c in claims.evaluate_claims(report)}["best_without_old_data"]
+  assert best.passed is False and best.measured.startswith("do_t ") and "lm_s" not in best.measured
+  report["methods"].pop("do_t")
+  best = {c.name: c for c in claims.evaluate_claims(report)}["best_without_old_data"]
+  assert best.passed is True and "lm_s" not in best.measured
   assert claims.method_summary_table(report)[3].startswith("| lm_r | replay=True | ")
 
 

@@ -58,3 +58,27 @@ def test_sweep_variants_of_the_attribution_and_penalty_studies():
   combined = methods_lib.get_method("lifelong_moe_offset2_src_l2w0.1")
   assert (combined.expand, combined.freeze_old_experts, combined.distill) == (True, True, True)
   assert combined.penalty == "l2" and sweep["lifelong_moe_offset2_src_l2w0.1"].l2_weight == 0.1
+
+
+def test_ewc_rows_and_teacher_sample_variants():
+  """`ewc` keeps the study's settings from before the per-token Fisher; `ewc_tok` has today's
+  defaults; the teacher-sample variants are the default recipe with distill_inputs changed."""
+  _, study = _methods("lifelong/study_cpu.gin")
+  defaults = methods_lib.MethodOptions()
+  assert (study["ewc"].fisher_estimator, study["ewc"].ewc_weight) == ("batch_gradient", 100.0)
+  assert (study["ewc_tok"].fisher_estimator, study["ewc_tok"].ewc_weight) == (
+    defaults.fisher_estimator,
+    defaults.ewc_weight,
+  )
+  _, sweep = _methods("lifelong/study_cpu.gin", "lifelong/study_sweep.gin")
+  chosen = sweep["lifelong_moe_offset2_src"]
+  for name, inputs in (
+    ("lifelong_moe_offset2_src_ts", "teacher_samples"),
+    ("lifelong_moe_offset2_src_tsboth", "both"),
+  ):
+    assert sweep[name].distill_inputs == inputs
+    for field in ("router_init", "router_offset", "new_slice_opt_state", "distill_weight"):
+      assert getattr(sweep[name], field) == getattr(chosen, field), (name, field)
+  assert sweep["distill_only_ts"].distill_inputs == "teacher_samples"
+  assert methods_lib.get_method("distill_only_ts").expand is False
+  assert methods_lib.get_method("lifelong_moe_offset2_src_ts_nofreeze").freeze_old_experts is False

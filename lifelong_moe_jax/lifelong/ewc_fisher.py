@@ -1,6 +1,14 @@
 """EWC's Fisher diagonal: estimated on the previous phase's training data with its final params when
 a phase starts, accumulated over phases and saved with the phase's step-0 checkpoint
-(``<phase folder>/ewc_fisher``), so a resumed phase uses the same one."""
+(``<phase folder>/ewc_fisher``), so a resumed phase uses the same one.
+
+With the per-token estimator (``MethodOptions.fisher_estimator = "sampled_tokens"``) the Fisher of
+phase ``i`` is the step-weighted mean ``sum_{p<i} steps_p F_p / sum_{p<i} steps_p`` of the earlier
+phases' per-token Fishers, and the default weight (``MethodOptions.ewc_weight = None``) is
+``bayesian_weight``: the earlier phases' train tokens per token of this phase. The penalty is then
+the Laplace approximation of the earlier phases' posterior, ``(1 / 2 N_i) sum_p N_p F_p (theta -
+theta*)^2`` next to the mean token loss of phase ``i`` (N: tokens trained). The legacy
+``"batch_gradient"`` estimator sums the earlier Fishers and takes ``ewc_weight`` as given."""
 
 from __future__ import annotations
 
@@ -27,6 +35,39 @@ def float32_like(params: PyTree) -> PyTree:
   """float32 ``ShapeDtypeStruct``s with the shapes and shardings of ``params``."""
   return jax.tree_util.tree_map(
     lambda p: jax.ShapeDtypeStruct(p.shape, jnp.float32, sharding=p.sharding), params
+  )
+
+
+def bayesian_weight(schedule: Any, index: int) -> float:
+  """Tokens trained before phase ``index`` per token of phase ``index`` (one global batch size):
+  ``sum_{p < index} steps_p / steps_index``."""
+  phases = schedule.phases
+  return float(sum(p.steps for p in phases[:index]) / phases[index].steps)
+
+
+def ewc_weight(schedule: Any, index: int, options: Any) -> float:
+  """``options.ewc_weight``, or ``bayesian_weight`` when it is None."""
+  if options.ewc_weight is not None:
+    return float(options.ewc_weight)
+  return bayesian_weight(schedule, index)
+
+
+def accumulate_fisher(
+  earlier: PyTree, last: PyTree, schedule: Any, index: int, estimator: str
+) -> PyTree:
+  """The Fisher of phase ``index`` from ``earlier`` (the one phase ``index - 1`` used, over phases
+  ``< index - 1``) and ``last`` (phase ``index - 1``'s own).
+
+  ``"sampled_tokens"``: the step-weighted mean ``(S earlier + s last) / (S + s)`` with ``S`` the
+  steps of phases ``< index - 1`` and ``s`` those of phase ``index - 1``; ``"batch_gradient"``:
+  the sum ``earlier + last`` (the behaviour before the per-token Fisher).
+  """
+  if estimator == "batch_gradient":
+    return jax.tree_util.tree_map(jnp.add, earlier, last)
+  before = float(sum(p.steps for p in schedule.phases[: index - 1]))
+  steps = float(schedule.phases[index - 1].steps)
+  return jax.tree_util.tree_map(
+    lambda a, b: (before * a + steps * b) / (before + steps), earlier, last
   )
 
 
@@ -57,19 +98,30 @@ def save_accumulated_fisher(method: Method, setup: PhaseSetup, start_dir: str) -
   )
   with setup.partitioner.context():
     fisher = penalties.estimate_fisher(
-      prev_model, prev_params, batches, num_batches=options.fisher_batches
+      prev_model,
+      prev_params,
+      batches,
+      num_batches=options.fisher_batches,
+      estimator=options.fisher_estimator,
+      rng=jax.random.PRNGKey(schedule.seed + 7919 + setup.index),
     )
   earlier = os.path.join(setup.previous_phase_dir, FISHER_DIR)
   if os.path.isdir(earlier):
-    fisher = jax.tree_util.tree_map(
-      jnp.add, penalties.load_fisher(earlier, float32_like(prev_params)), fisher
+    fisher = accumulate_fisher(
+      penalties.load_fisher(earlier, float32_like(prev_params)),
+      fisher,
+      schedule,
+      setup.index,
+      options.fisher_estimator,
     )
   penalties.save_fisher(os.path.join(start_dir, FISHER_DIR), fisher)
   logging.info(
-    "[%s] EWC Fisher for phase %d estimated on %d batches (%.1f s).",
+    "[%s] EWC Fisher (%s) for phase %d estimated on %d batches; weight %g (%.1f s).",
     method.name,
+    options.fisher_estimator,
     setup.index,
     options.fisher_batches,
+    ewc_weight(schedule, setup.index, options),
     time.perf_counter() - t0,
   )
 

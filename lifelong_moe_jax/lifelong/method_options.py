@@ -11,6 +11,9 @@ import gin
 from lifelong_moe_jax.lifelong import expansion
 
 
+DISTILL_INPUTS = ("batch", "teacher_samples", "both")
+
+
 class MethodError(ValueError):
   """Unknown or inconsistent lifelong method."""
 
@@ -29,8 +32,15 @@ class MethodOptions:
     freeze_shared: methods that freeze also freeze every non-expert param.
     distill_weight / distill_temperature: lambda and T of the distillation term.
     l2_weight: weight of the L2 penalty ``(w/2) sum (theta - theta*)^2``.
-    ewc_weight: weight of the EWC penalty ``(w/2) sum F (theta - theta*)^2``.
+    ewc_weight: weight of the EWC penalty ``(w/2) sum F (theta - theta*)^2``; None (default): the
+      earlier phases' train tokens per token of the phase (``ewc_fisher.bayesian_weight``, the
+      Laplace posterior's weight; needs the per-token Fisher).
     fisher_batches: batches of the previous phase's train data for the Fisher estimate.
+    fisher_estimator: ``penalties.estimate_fisher``'s estimator: "sampled_tokens" (default: the
+      per-token Fisher with labels sampled from the model, accumulated over phases as a
+      step-weighted mean) or "batch_gradient" (squared mean batch gradients, summed over phases:
+      the runs before the change; its scale is about 1/(tokens per batch) of the per-token one,
+      which the study's ewc_weight = 100 left ineffective, docs/study.md).
     replay_fraction: share of each replay phase's data drawn from earlier phases.
     dense_mlp_dim: MLP width of the dense model (default: FLOP-matched to the MoE model's
       activated feed-forward width, see ``dense_config``).
@@ -77,6 +87,14 @@ class MethodOptions:
       (measured when each phase starts, on the previous phase's data, and saved with the phase),
       ``-log`` of the old experts' probability; 0 disables.
     router_rehearsal_samples: synthetic inputs per earlier distribution and MoE layer per step.
+    distill_inputs: methods that distill: the inputs the distillation KL is computed on,
+      "batch" (the step's new-data batch, as Chen et al.), "teacher_samples" (rows of sequences
+      sampled from the teacher when the phase starts: pseudo-rehearsal, ``pseudo_rehearsal``) or
+      "both" (the sum of the two terms, each at ``distill_weight``).
+    teacher_sample_rows: "teacher_samples"/"both": packed rows of the train length sampled from the
+      teacher at each phase start (a step draws a train batch of them).
+    teacher_sample_temperature: the sampling temperature of those rows (1 = the teacher's own
+      distribution).
   """
 
   expert_init: str = "copy"
@@ -87,8 +105,9 @@ class MethodOptions:
   distill_weight: float = 1.0
   distill_temperature: float = 1.0
   l2_weight: float = 0.01
-  ewc_weight: float = 100.0
+  ewc_weight: float | None = None
   fisher_batches: int = 8
+  fisher_estimator: str = "sampled_tokens"
   replay_fraction: float = 0.25
   dense_mlp_dim: int | None = None
   router_init: str = "copy_offset"
@@ -101,6 +120,9 @@ class MethodOptions:
   project_new_router_updates: bool = False
   router_rehearsal_weight: float = 0.0
   router_rehearsal_samples: int = 256
+  distill_inputs: str = "batch"
+  teacher_sample_rows: int = 256
+  teacher_sample_temperature: float = 1.0
 
   def __post_init__(self):
     if self.expert_init not in ("copy", "random"):
@@ -116,8 +138,18 @@ class MethodOptions:
       raise MethodError(
         f"MethodOptions.replay_fraction must be in (0, 1), got {self.replay_fraction}."
       )
+    if self.fisher_estimator not in ("sampled_tokens", "batch_gradient"):
+      raise MethodError(
+        "MethodOptions.fisher_estimator must be 'sampled_tokens' or 'batch_gradient', got "
+        f"{self.fisher_estimator!r}."
+      )
+    if self.ewc_weight is None and self.fisher_estimator != "sampled_tokens":
+      raise MethodError(
+        "MethodOptions.ewc_weight = None (the Bayesian weight) needs the per-token Fisher "
+        "(fisher_estimator = 'sampled_tokens'); with 'batch_gradient' give a weight."
+      )
     for name in ("noise_scale", "distill_weight", "l2_weight", "ewc_weight"):
-      if getattr(self, name) < 0:
+      if getattr(self, name) is not None and getattr(self, name) < 0:
         raise MethodError(f"MethodOptions.{name} must be >= 0, got {getattr(self, name)}.")
     if self.distill_temperature <= 0:
       raise MethodError("MethodOptions.distill_temperature must be positive.")
@@ -163,6 +195,21 @@ class MethodOptions:
     ):
       if getattr(self, name) < 0:
         raise MethodError(f"MethodOptions.{name} must be >= 0, got {getattr(self, name)}.")
+    if self.distill_inputs not in DISTILL_INPUTS:
+      raise MethodError(
+        f"MethodOptions.distill_inputs must be one of {DISTILL_INPUTS}, got {self.distill_inputs!r}."
+      )
+    if self.teacher_sample_rows <= 0 or self.teacher_sample_temperature <= 0:
+      raise MethodError(
+        "MethodOptions.teacher_sample_rows and teacher_sample_temperature must be positive, got "
+        f"{self.teacher_sample_rows} and {self.teacher_sample_temperature}."
+      )
+    if self.distill_inputs == "teacher_samples" and self.router_distill_weight > 0:
+      raise MethodError(
+        "MethodOptions.router_distill_weight acts on the new batch, which "
+        "distill_inputs='teacher_samples' does not distil on: use distill_inputs='both' or "
+        "router_distill_weight = 0."
+      )
     if self.teacher_capacity not in ("eval", "train"):
       raise MethodError(
         f"MethodOptions.teacher_capacity must be 'eval' or 'train', got {self.teacher_capacity!r}."
@@ -190,4 +237,8 @@ LEGACY_OPTION_VALUES = {
   "project_new_router_updates": False,
   "router_rehearsal_weight": 0.0,
   "router_rehearsal_samples": 256,
+  "distill_inputs": "batch",
+  "fisher_estimator": "batch_gradient",
+  "teacher_sample_rows": 256,
+  "teacher_sample_temperature": 1.0,
 }

@@ -56,6 +56,7 @@ from lifelong_moe_jax.lifelong import freeze
 from lifelong_moe_jax.lifelong import method_mixtures
 from lifelong_moe_jax.lifelong import new_expert_balance
 from lifelong_moe_jax.lifelong import penalties
+from lifelong_moe_jax.lifelong import pseudo_rehearsal
 from lifelong_moe_jax.lifelong import router_projection
 from lifelong_moe_jax.lifelong import router_rehearsal
 from lifelong_moe_jax.lifelong.dense_reference import dense_config, dense_mlp_dim  # noqa: F401
@@ -242,9 +243,12 @@ class Method:
     """Work saved with the phase's step-0 checkpoint in ``start_dir`` (the temporary phase folder,
     renamed to ``setup.phase_dir`` once complete): the EWC Fisher of the previous phase; the
     earlier distributions' mean router inputs (``project_new_router_updates``) and router-input
-    moments (``router_rehearsal_weight``, ``router_init="copy_contrast"``)."""
+    moments (``router_rehearsal_weight``, ``router_init="copy_contrast"``); the teacher's sample
+    rows (``distill_inputs`` "teacher_samples" or "both")."""
     if self.penalty == "ewc":
       ewc_fisher.save_accumulated_fisher(self, setup, start_dir)
+    if self.distill and setup.options.distill_inputs != "batch":
+      pseudo_rehearsal.save_teacher_samples(self, setup, start_dir)
     if self._projects_router(setup):
       router_projection.save_accumulated_means(self, setup, start_dir)
     if self._saves_router_moments(setup):
@@ -290,15 +294,15 @@ class Method:
         teacher = lm.LanguageModel(
           dataclasses.replace(prev_config, eval_capacity_factor=prev_config.train_capacity_factor)
         )
-      regs.append(
-        distill.Distillation(
-          teacher,
-          prev_params,
-          temperature=options.distill_temperature,
-          weight=options.distill_weight,
-          router_weight=options.router_distill_weight,
-        )
+      kwargs = dict(
+        temperature=options.distill_temperature,
+        weight=options.distill_weight,
+        router_weight=options.router_distill_weight,
       )
+      if options.distill_inputs == "batch":
+        regs.append(distill.Distillation(teacher, prev_params, **kwargs))
+      else:
+        regs.append(pseudo_rehearsal.phase_distillation(setup, teacher, prev_params, **kwargs))
     if self.penalty == "l2":
       anchor = penalties.l2_anchor(prev_params).expand_to(
         prev_model.params_logical_axes(), self.added_experts(setup.schedule, setup.index)
@@ -307,7 +311,10 @@ class Method:
     elif self.penalty == "ewc":
       fisher = ewc_fisher.load_phase_fisher(setup.phase_dir, prev_params)
       regs.append(
-        penalties.EWCPenalty(options.ewc_weight, penalties.ewc_anchor(prev_params, fisher))
+        penalties.EWCPenalty(
+          ewc_fisher.ewc_weight(setup.schedule, setup.index, options),
+          penalties.ewc_anchor(prev_params, fisher),
+        )
       )
     return regs
 

@@ -27,7 +27,12 @@ from jax.sharding import PartitionSpec as P
 
 from lifelong_moe_jax import checkpoints
 from lifelong_moe_jax.param_tree import flatten_with_axes, pad_experts
-from lifelong_moe_jax.models.lm import Batch, LanguageModel
+from lifelong_moe_jax.models.lm import (
+  Batch,
+  LanguageModel,
+  loss_weights_of,
+  token_log_likelihood,
+)
 
 Array = jax.Array
 
@@ -185,6 +190,9 @@ class EWCPenalty(_AnchorPenalty):
     super().__init__(weight, anchor, name=name)
 
 
+FISHER_ESTIMATORS = ("sampled_tokens", "batch_gradient")
+
+
 def estimate_fisher(
   model: LanguageModel,
   params: Any,
@@ -192,42 +200,75 @@ def estimate_fisher(
   *,
   num_batches: int | None = None,
   loss: str = "cross_entropy",
+  estimator: str = "sampled_tokens",
+  rng: jax.Array | None = None,
 ) -> Any:
-  """Diagonal empirical Fisher: mean over batches of the squared batch gradient.
+  """Diagonal Fisher of the LM loss on ``batches`` at ``params`` (eval mode, no jitter).
 
-  ``F = (1/B) sum_b (d L_b / d theta)^2`` where ``L_b`` is the batch's mean token loss (eval mode,
-  no jitter). This batch-level empirical Fisher is the usual cheap EWC estimate: the gradient of a
-  mean over a batch is squared, so its scale shrinks with the batch size; ``EWCPenalty.weight``
-  absorbs the scale.
+  Estimators:
+
+  * ``"sampled_tokens"`` (default): the per-token Fisher ``E_t E_{y ~ p(.|x_<t)} [g_t(y)^2]``.
+    Each batch draws one label ``y_t`` per target token from the model itself and contributes
+    ``(sum_t w_t g_t(y_t))^2 / sum_t w_t`` with ``g_t(y) = d(-log p(y | x_<t)) / d theta``: the
+    sampled labels' gradients have mean zero given the inputs and are drawn independently, so
+    the cross terms vanish in expectation and this is an unbiased estimate of the per-token
+    Fisher from one backward pass. Its scale does not depend on the batch size, so
+    ``EWCPenalty.weight`` has the Bayesian meaning "tokens of old data the anchor is worth, per
+    new-data token" (the old phase's token count over the new phase's is the posterior's weight).
+  * ``"batch_gradient"``: ``(1/B) sum_b (d L_b / d theta)^2`` with ``L_b`` the batch's mean token
+    loss on the data's own labels (``loss`` chooses it). The square of a mean gradient shrinks
+    with the batch's token count (about ``1/N`` of the per-token Fisher at convergence), so its
+    weights are about ``N`` times the sampled estimator's (the study's runs before the change).
 
   Args:
     model: the LanguageModel of ``params``.
     params: unboxed params (the previous phase's final params).
     batches: batches of the previous phase's data.
     num_batches: stop after this many batches (default: exhaust ``batches``).
-    loss: ``"cross_entropy"`` (the log-likelihood only, default) or ``"total"`` (with the router
+    loss: ``"batch_gradient"`` only: ``"cross_entropy"`` (default) or ``"total"`` (with the router
       auxiliary losses).
+    estimator: ``"sampled_tokens"`` or ``"batch_gradient"``.
+    rng: the sampled labels' key (batch ``b`` uses ``fold_in(rng, b)``; default ``PRNGKey(0)``).
   Returns:
     float32 params-structured pytree (same shapes as the params).
   """
   if loss not in ("cross_entropy", "total"):
     raise ValueError(f"loss must be 'cross_entropy' or 'total', got {loss!r}.")
+  if estimator not in FISHER_ESTIMATORS:
+    raise ValueError(f"estimator must be one of {FISHER_ESTIMATORS}, got {estimator!r}.")
+  if estimator == "sampled_tokens" and loss != "cross_entropy":
+    raise ValueError(
+      "The sampled_tokens Fisher is of the log-likelihood only: use loss='cross_entropy'."
+    )
+  rng = jax.random.PRNGKey(0) if rng is None else rng
 
-  def objective(p, batch):
+  def batch_gradient_objective(p, batch, key):
+    del key
     total, metrics = model.loss(p, batch)
-    return metrics["cross_entropy"] if loss == "cross_entropy" else total
+    return (metrics["cross_entropy"] if loss == "cross_entropy" else total), 1.0
+
+  def sampled_objective(p, batch, key):
+    logits = model.logits(p, batch).astype(jnp.float32)
+    labels = jax.random.categorical(key, jax.lax.stop_gradient(logits), axis=-1)
+    weights = loss_weights_of(batch)
+    nll = -token_log_likelihood(logits, labels)
+    return jnp.sum(nll * weights), jnp.maximum(jnp.sum(weights), 1.0)
+
+  objective = sampled_objective if estimator == "sampled_tokens" else batch_gradient_objective
 
   @jax.jit
-  def accumulate(acc, p, batch):
-    grads = jax.grad(objective)(p, batch)
-    return jax.tree_util.tree_map(lambda a, g: a + jnp.square(g.astype(jnp.float32)), acc, grads)
+  def accumulate(acc, p, batch, key):
+    grads, count = jax.grad(objective, has_aux=True)(p, batch, key)
+    return jax.tree_util.tree_map(
+      lambda a, g: a + jnp.square(g.astype(jnp.float32)) / count, acc, grads
+    )
 
   acc = jax.tree_util.tree_map(lambda p: jnp.zeros_like(p, dtype=jnp.float32), params)
   count = 0
   for batch in batches:
     if num_batches is not None and count >= num_batches:
       break
-    acc = accumulate(acc, params, batch)
+    acc = accumulate(acc, params, batch, jax.random.fold_in(rng, count))
     count += 1
   if count == 0:
     raise ValueError("estimate_fisher got no batches.")

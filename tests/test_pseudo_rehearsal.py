@@ -1,0 +1,261 @@
+"""Distillation on teacher samples (lifelong/pseudo_rehearsal.py): the packed layout by hand and
+against seqio's feature converter, the rows against the decoder's own samples, the loss against a
+separate computation, and the method wiring in a two-phase run."""
+
+import os
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import seqio
+import tensorflow as tf
+
+from lifelong_moe_jax import decoding
+from lifelong_moe_jax.lifelong import distill
+from lifelong_moe_jax.lifelong import method_options
+from lifelong_moe_jax.lifelong import pseudo_rehearsal as pr
+from lifelong_moe_jax.models import lm
+from lifelong_moe_jax.models.config import ModelConfig
+
+
+def _config(**changes) -> ModelConfig:
+  base = dict(
+    vocab_size=64,
+    embed_dim=16,
+    num_layers=2,
+    num_heads=2,
+    head_dim=8,
+    mlp_dim=32,
+    num_experts=4,
+    group_size=8,
+    max_length=16,
+    router_jitter=0.0,
+    train_capacity_factor=2.0,
+    eval_capacity_factor=2.0,
+  )
+  base.update(changes)
+  return ModelConfig(**base)
+
+
+def test_pack_sequences_by_hand():
+  seqs = [np.array([5, 6, 1]), np.array([7, 1]), np.array([], np.int32), np.array([8, 9, 10, 1])]
+  rows, used = pr.pack_sequences(seqs, num_rows=3, length=6)
+  assert used == 4
+  np.testing.assert_array_equal(
+    rows["decoder_target_tokens"], [[5, 6, 1, 7, 1, 0], [8, 9, 10, 1, 0, 0], [0] * 6]
+  )
+  np.testing.assert_array_equal(
+    rows["decoder_input_tokens"], [[0, 5, 6, 0, 7, 0], [0, 8, 9, 10, 0, 0], [0] * 6]
+  )
+  np.testing.assert_array_equal(
+    rows["decoder_segment_ids"], [[1, 1, 1, 2, 2, 0], [1, 1, 1, 1, 0, 0], [0] * 6]
+  )
+  np.testing.assert_array_equal(
+    rows["decoder_positions"], [[0, 1, 2, 0, 1, 0], [0, 1, 2, 3, 0, 0], [0] * 6]
+  )
+  np.testing.assert_array_equal(rows["decoder_loss_weights"], rows["decoder_segment_ids"] > 0)
+  # Full rows: the packer stops at the sequence that does not fit; long sequences are cut.
+  rows, used = pr.pack_sequences([np.arange(2, 12), np.array([3, 1]), np.array([4, 1])], 1, 6)
+  assert used == 1
+  np.testing.assert_array_equal(rows["decoder_target_tokens"], [[2, 3, 4, 5, 6, 7]])
+
+
+def test_packed_segments_match_seqios_decoder_feature_converter():
+  rng = np.random.default_rng(0)
+  seqs = [np.append(rng.integers(2, 50, size=n), 1) for n in rng.integers(1, 9, size=12)]
+  rows, used = pr.pack_sequences(seqs, num_rows=8, length=12)
+  assert used == len(seqs)
+  ds = tf.data.Dataset.from_generator(
+    lambda: ({"targets": s.astype(np.int32)} for s in seqs),
+    output_signature={"targets": tf.TensorSpec([None], tf.int32)},
+  )
+  converted = seqio.DecoderFeatureConverter(pack=False)(ds, {"targets": 12})
+  want = list(converted.as_numpy_iterator())
+  found = 0
+  for r in range(8):
+    seg = rows["decoder_segment_ids"][r]
+    for s in range(1, seg.max() + 1):
+      cols = seg == s
+      ref = want[found]
+      n = int(cols.sum())
+      for key in ("decoder_target_tokens", "decoder_input_tokens", "decoder_loss_weights"):
+        np.testing.assert_array_equal(rows[key][r][cols], ref[key][:n], err_msg=key)
+      assert not ref["decoder_loss_weights"][n:].any()
+      found += 1
+  assert found == len(seqs)
+
+
+def test_sample_rows_are_the_decoders_samples_in_order():
+  config = _config()
+  model = lm.LanguageModel(config)
+  params = nn.unbox(model.init(jax.random.PRNGKey(0)))
+  key = jax.random.PRNGKey(3)
+  rows, stats = pr.sample_rows(
+    model, params, num_rows=4, length=16, rng=key, temperature=1.0, batch_size=3
+  )
+  again, _ = pr.sample_rows(
+    model, params, num_rows=4, length=16, rng=key, temperature=1.0, batch_size=3
+  )
+  for k in pr.FEATURES:
+    np.testing.assert_array_equal(rows[k], again[k])
+  # Round 0's samples, drawn directly, fill the first segments in order.
+  ref = decoding.generate(
+    model,
+    params,
+    np.zeros((3, 0), np.int32),
+    max_decode_len=15,
+    rng=jax.random.fold_in(key, 0),
+    temperature=1.0,
+  )
+  tokens, lengths = np.asarray(ref.tokens), np.asarray(ref.lengths)
+  want = [tokens[i, : lengths[i]] for i in range(3) if lengths[i] > 0]
+  got = []
+  for r in range(4):
+    seg = rows["decoder_segment_ids"][r]
+    got += [rows["decoder_target_tokens"][r][seg == s] for s in range(1, seg.max() + 1)]
+  for w, g in zip(want, got):
+    np.testing.assert_array_equal(w, g)
+  assert stats["rounds"] >= 2 and 0 < stats["fill"] <= 1
+  assert stats["fill"] == pytest.approx(float(np.mean(rows["decoder_loss_weights"])))
+
+
+def _rows(config, num=6, seed=1):
+  rng = np.random.default_rng(seed)
+  seqs = [np.append(rng.integers(2, config.vocab_size, size=n), 1) for n in rng.integers(2, 12, 20)]
+  return pr.pack_sequences(seqs, num, config.max_length)[0]
+
+
+class _Ctx:
+  def __init__(self, model, params):
+    self.model, self.params = model, params
+
+
+@pytest.mark.parametrize("on_batch", [False, True])
+def test_loss_equals_a_separate_computation(on_batch):
+  t_config, s_config = _config(), _config(num_experts=6)
+  teacher, student = lm.LanguageModel(t_config), lm.LanguageModel(s_config)
+  t_params = nn.unbox(teacher.init(jax.random.PRNGKey(1)))
+  s_params = nn.unbox(student.init(jax.random.PRNGKey(2)))
+  rows = _rows(t_config)
+  reg = pr.TeacherSampleDistillation(
+    teacher, t_params, rows, on_batch=on_batch, temperature=2.0, weight=0.7
+  )
+  aux, axes = reg.init_state(_Ctx(student, s_params))
+  assert set(aux) == {"teacher", "rows"} and set(axes["rows"]) == set(pr.FEATURES)
+  batch = {k: v[:3] for k, v in _rows(t_config, seed=5).items()}
+  s_logits = student.logits(s_params, batch)
+  rng = jax.random.PRNGKey(9)
+  term, metrics = reg(s_params, batch, s_logits, aux, rng)
+  # The reference: the same rows picked by hand, both models run separately.
+  pick = jax.random.randint(
+    jax.random.split(rng)[0], (3,), 0, rows["decoder_target_tokens"].shape[0]
+  )
+  pseudo = {k: jnp.asarray(v)[pick] for k, v in rows.items()}
+  want_kl = distill.distillation_loss(
+    student.logits(s_params, pseudo),
+    teacher.logits(t_params, pseudo),
+    lm.loss_weights_of(pseudo),
+    2.0,
+  )
+  np.testing.assert_allclose(metrics["kl_samples"], want_kl, rtol=1e-5)
+  want = 0.7 * want_kl
+  if on_batch:
+    batch_kl = distill.distillation_loss(
+      s_logits, teacher.logits(t_params, batch), lm.loss_weights_of(batch), 2.0
+    )
+    np.testing.assert_allclose(metrics["kl"], batch_kl, rtol=1e-5)
+    want = want + 0.7 * batch_kl
+  else:
+    assert "kl" not in metrics
+  np.testing.assert_allclose(term, want, rtol=1e-5)
+
+
+def test_student_equal_to_teacher_gets_zero_loss_and_gradient():
+  config = _config()
+  model = lm.LanguageModel(config)
+  params = nn.unbox(model.init(jax.random.PRNGKey(4)))
+  reg = pr.TeacherSampleDistillation(model, params, _rows(config))
+  aux, _ = reg.init_state(_Ctx(model, params))
+  batch = {k: v[:2] for k, v in _rows(config, seed=7).items()}
+
+  def term(p):
+    return reg(p, batch, model.logits(p, batch), aux, jax.random.PRNGKey(0))[0]
+
+  value, grads = jax.value_and_grad(term)(params)
+  assert abs(float(value)) < 1e-5
+  assert max(float(jnp.max(jnp.abs(g))) for g in jax.tree_util.tree_leaves(grads)) < 1e-4
+  # A different student gets a positive term and a gradient.
+  other = nn.unbox(model.init(jax.random.PRNGKey(5)))
+  value, grads = jax.value_and_grad(term)(other)
+  assert float(value) > 1e-3
+  assert max(float(jnp.max(jnp.abs(g))) for g in jax.tree_util.tree_leaves(grads)) > 1e-4
+
+
+def test_options_and_rows_are_validated():
+  assert method_options.LEGACY_OPTION_VALUES["distill_inputs"] == "batch"
+  with pytest.raises(method_options.MethodError, match="distill_inputs"):
+    method_options.MethodOptions(distill_inputs="old_data")
+  with pytest.raises(method_options.MethodError, match="teacher_sample_rows"):
+    method_options.MethodOptions(teacher_sample_rows=0)
+  with pytest.raises(method_options.MethodError, match="router_distill_weight"):
+    method_options.MethodOptions(distill_inputs="teacher_samples", router_distill_weight=0.1)
+  config = _config()
+  model = lm.LanguageModel(config)
+  rows = _rows(config)
+  with pytest.raises(ValueError, match="lack feature"):
+    pr.TeacherSampleDistillation(
+      model, None, {"decoder_target_tokens": rows["decoder_target_tokens"]}
+    )
+  long_rows = {k: np.zeros((2, 32), np.int32) for k in pr.FEATURES}
+  reg = pr.TeacherSampleDistillation(model, {}, long_rows)
+  with pytest.raises(ValueError, match="max_length"):
+    reg.init_state(_Ctx(model, {}))
+
+
+def test_two_phase_run_saves_the_teacher_samples_and_trains_on_them(tmp_path, prepared_data_dir):
+  from lifelong_moe_jax import checkpoints  # pylint: disable=import-outside-toplevel
+  from lifelong_moe_jax import partitioning  # pylint: disable=import-outside-toplevel
+  from lifelong_moe_jax.training import summaries  # pylint: disable=import-outside-toplevel
+  from tiny_runner import TWO_PHASES, tiny_runner  # pylint: disable=import-outside-toplevel
+
+  runner = tiny_runner(
+    str(tmp_path / "run"),
+    prepared_data_dir,
+    ["lifelong_moe"],
+    [
+      *TWO_PHASES,
+      'MethodOptions.distill_inputs = "both"',
+      "MethodOptions.teacher_sample_rows = 8",
+    ],
+  )
+  report = runner.run()
+  assert report["methods"]["lifelong_moe"]["complete"]
+  pdir = runner.phase_dir("lifelong_moe", 1)
+  rows = pr.load_samples(pdir)
+  length = runner.schedule.task_feature_lengths["targets"]
+  assert rows["decoder_target_tokens"].shape == (8, length)
+  # The rows are phase 0's final model's samples with the schedule's key, drawn again here.
+  config0 = runner.config_for("lifelong_moe", 0)
+  model0 = lm.LanguageModel(config0)
+  partitioner = partitioning.Partitioner(
+    partitioning.create_mesh(partitioning.MeshConfig(-1, 1, 1))
+  )
+  params0 = checkpoints.restore_model_params(
+    runner.layout.final_step_dir("lifelong_moe", 0), model0, partitioner
+  )
+  with partitioner.context():
+    want, _ = pr.sample_rows(
+      model0,
+      params0,
+      num_rows=8,
+      length=length,
+      rng=jax.random.PRNGKey(runner.schedule.seed + pr.SAMPLE_SEED_OFFSET + 1),
+    )
+  np.testing.assert_array_equal(rows["decoder_target_tokens"], want["decoder_target_tokens"])
+  records = summaries.read_jsonl(os.path.join(pdir, "train", "metrics.jsonl"))
+  logged = [r for r in records if "reg/distillation/kl_samples" in r]
+  assert logged, records[-1].keys()
+  for r in logged:
+    assert r["reg/distillation/kl_samples"] >= 0 and r["reg/distillation/kl"] >= 0
