@@ -408,6 +408,10 @@ REGISTRY: dict[str, Run | Elsewhere | Excluded] = {
     "tests/test_benchmarks.py::test_distill_step_prints_the_ratio_and_a_live_kl",
     ('"distill_step.py"', "--steps=", "--rounds=", "--teacher_train_capacity"),
   ),
+  "python benchmarks/distill_step.py --steps 3 --rounds 5 --teacher_samples": Elsewhere(
+    "tests/test_benchmarks.py::test_distill_step_prints_the_ratio_and_a_live_kl",
+    ('"distill_step.py"', "--steps=", "--rounds=", "--teacher_samples"),
+  ),
   ".venv/bin/python benchmarks/train_step.py": Elsewhere(
     "tests/test_benchmarks.py::test_train_step_prints_mesh_ratios", ('"train_step.py"',)
   ),
