@@ -82,3 +82,12 @@ def test_ewc_rows_and_teacher_sample_variants():
   assert sweep["distill_only_ts"].distill_inputs == "teacher_samples"
   assert methods_lib.get_method("distill_only_ts").expand is False
   assert methods_lib.get_method("lifelong_moe_offset2_src_ts_nofreeze").freeze_old_experts is False
+  assert sweep["lifelong_moe_offset2_src_ts_w3"].distill_weight == 3.0
+  assert sweep["lifelong_moe_offset2_src_ts_r1k"].teacher_sample_rows == 1024
+  assert sweep["distill_only_ts_w3"].distill_weight == 3.0
+  for name, offset in (
+    ("lifelong_moe_contrast2_src_ts", 2.0),
+    ("lifelong_moe_contrast4_src_ts", 4.0),
+  ):
+    assert (sweep[name].router_init, sweep[name].router_offset) == ("copy_contrast", offset)
+    assert sweep[name].distill_inputs == "teacher_samples"

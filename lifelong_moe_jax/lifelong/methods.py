@@ -27,7 +27,8 @@ name               expand  freeze  distill  penalty  data / model
   expert count throughout.
 * freeze: the expert slices and router columns of earlier phases get exactly zero updates
   (``freeze.with_frozen``); ``MethodOptions.freeze_shared`` also freezes every non-expert param.
-* distill: ``T^2 KL(teacher || student)`` to the previous phase's final model (``distill``).
+* distill: ``T^2 KL(teacher || student)`` to the previous phase's final model (``distill``), on the
+  new batch or on the teacher's own samples (``distill_inputs``, ``pseudo_rehearsal``).
 * penalty: quadratic pull towards the previous phase's final params (``penalties``).
 
 Each method is a ``Method`` object that builds, for phase ``i`` of a schedule, its own model config
@@ -282,7 +283,7 @@ class Method:
       config = self.model_config(setup.base_config, setup.schedule, setup.index, options)
       regs.append(new_expert_balance.NewExpertBalance(config, config.num_experts - added))
     if self._rehearses_router(setup):
-      regs.append(self._router_rehearsal(setup, added))
+      regs.append(router_rehearsal.phase_regularizer(self, setup, added))
     if not (self.distill or self.penalty):
       return regs
     prev_config = self.model_config(setup.base_config, setup.schedule, setup.index - 1, options)
@@ -317,33 +318,6 @@ class Method:
         )
       )
     return regs
-
-  def _router_rehearsal(self, setup: PhaseSetup, added: int) -> Any:
-    """The ``RouterRehearsal`` of a phase, on the moments saved with its start."""
-    moments = router_rehearsal.load_moments(setup.phase_dir)
-    if moments is None:
-      raise MethodError(
-        f"{setup.phase_dir} has no {router_rehearsal.MOMENTS_FILE} (router_rehearsal_weight was 0 "
-        "when this phase started): delete the phase folder to rebuild its start."
-      )
-    config = self.model_config(setup.base_config, setup.schedule, setup.index, setup.options)
-    model = lm.LanguageModel(config)
-    logging.info(
-      "[%s] phase %d: router rehearsal against %d earlier distribution(s), weight %g.",
-      self.name,
-      setup.index,
-      moments[0].shape[0],
-      setup.options.router_rehearsal_weight,
-    )
-    return router_rehearsal.RouterRehearsal(
-      config,
-      config.num_experts - added,
-      nn.unbox(model.abstract_params()),
-      model.params_logical_axes(),
-      *moments,
-      weight=setup.options.router_rehearsal_weight,
-      num_samples=setup.options.router_rehearsal_samples,
-    )
 
   def optimizer_wrapper(self, setup: PhaseSetup) -> Callable[[Any], Any] | None:
     """Freezing of earlier phases' experts and router columns (``freeze.with_frozen``), then the

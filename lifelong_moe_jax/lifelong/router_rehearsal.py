@@ -34,6 +34,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from absl import logging
+import flax.linen as nn
 
 import jax
 import jax.numpy as jnp
@@ -43,6 +44,7 @@ import numpy as np
 from lifelong_moe_jax import param_tree
 from lifelong_moe_jax.lifelong import expansion
 from lifelong_moe_jax.lifelong import router_input
+from lifelong_moe_jax.lifelong.method_options import MethodError
 from lifelong_moe_jax.models import lm
 from lifelong_moe_jax.models import router_probe
 from lifelong_moe_jax.models.config import ModelConfig
@@ -306,3 +308,31 @@ def save_accumulated_moments(method: Method, setup: PhaseSetup, start_dir: str):
     time.perf_counter() - t0,
   )
   return mean, second
+
+
+def phase_regularizer(method: Method, setup: PhaseSetup, added: int) -> "RouterRehearsal":
+  """The ``RouterRehearsal`` of a phase, on the moments saved with its start."""
+  moments = load_moments(setup.phase_dir)
+  if moments is None:
+    raise MethodError(
+      f"{setup.phase_dir} has no {MOMENTS_FILE} (router_rehearsal_weight was 0 when this phase "
+      "started): delete the phase folder to rebuild its start."
+    )
+  config = method.model_config(setup.base_config, setup.schedule, setup.index, setup.options)
+  model = lm.LanguageModel(config)
+  logging.info(
+    "[%s] phase %d: router rehearsal against %d earlier distribution(s), weight %g.",
+    method.name,
+    setup.index,
+    moments[0].shape[0],
+    setup.options.router_rehearsal_weight,
+  )
+  return RouterRehearsal(
+    config,
+    config.num_experts - added,
+    nn.unbox(model.abstract_params()),
+    model.params_logical_axes(),
+    *moments,
+    weight=setup.options.router_rehearsal_weight,
+    num_samples=setup.options.router_rehearsal_samples,
+  )
