@@ -107,6 +107,12 @@ def main():
     action="store_true",
     help="also time distillation on teacher-sample rows (distill_inputs='teacher_samples')",
   )
+  parser.add_argument(
+    "--teacher_sample_batch",
+    type=int,
+    default=0,
+    help="rehearsal rows per step with --teacher_samples (0: the train batch's)",
+  )
   parser.add_argument("--gin_file", default="models/demo.gin")
   parser.add_argument("--vocab_size", type=int, default=8000, help="the demo vocabulary's size")
   args = parser.parse_args()
@@ -152,7 +158,9 @@ def main():
       teacher_params = nn.unbox(jax.jit(teacher.init)(jax.random.PRNGKey(1)))
     seqs = [rng.integers(2, base.vocab_size, args.length // 2) for _ in range(8 * args.batch)]
     rows, _ = pseudo_rehearsal.pack_sequences(seqs, 4 * args.batch, args.length)
-    reg = pseudo_rehearsal.TeacherSampleDistillation(teacher, teacher_params, rows)
+    reg = pseudo_rehearsal.TeacherSampleDistillation(
+      teacher, teacher_params, rows, batch_size=args.teacher_sample_batch
+    )
     setups.append(
       Setup("lifelong_moe (teacher samples)", student, partitioner, frozen, [reg], batch, args)
     )

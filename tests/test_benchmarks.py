@@ -356,6 +356,7 @@ def test_distill_step_prints_the_ratio_and_a_live_kl(prepared_data_dir):
     "--rounds=1",
     "--teacher_train_capacity",
     "--teacher_samples",
+    "--teacher_sample_batch=2",
   )
   assert re.search(r"lifelong_moe \(teacher cf [0-9.]+\) .* last KL", out), out
   samples = re.search(r"lifelong_moe \(teacher samples\) .* last KL ([0-9.]+)\)", out)

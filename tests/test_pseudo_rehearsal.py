@@ -132,15 +132,15 @@ class _Ctx:
     self.model, self.params = model, params
 
 
-@pytest.mark.parametrize("on_batch", [False, True])
-def test_loss_equals_a_separate_computation(on_batch):
+@pytest.mark.parametrize("on_batch, size", [(False, 0), (True, 0), (False, 2)])
+def test_loss_equals_a_separate_computation(on_batch, size):
   t_config, s_config = _config(), _config(num_experts=6)
   teacher, student = lm.LanguageModel(t_config), lm.LanguageModel(s_config)
   t_params = nn.unbox(teacher.init(jax.random.PRNGKey(1)))
   s_params = nn.unbox(student.init(jax.random.PRNGKey(2)))
   rows = _rows(t_config)
   reg = pr.TeacherSampleDistillation(
-    teacher, t_params, rows, on_batch=on_batch, temperature=2.0, weight=0.7
+    teacher, t_params, rows, on_batch=on_batch, temperature=2.0, weight=0.7, batch_size=size
   )
   aux, axes = reg.init_state(_Ctx(student, s_params))
   assert set(aux) == {"teacher", "rows"} and set(axes["rows"]) == set(pr.FEATURES)
@@ -150,7 +150,7 @@ def test_loss_equals_a_separate_computation(on_batch):
   term, metrics = reg(s_params, batch, s_logits, aux, rng)
   # The reference: the same rows picked by hand, both models run separately.
   pick = jax.random.randint(
-    jax.random.split(rng)[0], (3,), 0, rows["decoder_target_tokens"].shape[0]
+    jax.random.split(rng)[0], (size or 3,), 0, rows["decoder_target_tokens"].shape[0]
   )
   pseudo = {k: jnp.asarray(v)[pick] for k, v in rows.items()}
   want_kl = distill.distillation_loss(
@@ -199,6 +199,8 @@ def test_options_and_rows_are_validated():
     method_options.MethodOptions(distill_inputs="old_data")
   with pytest.raises(method_options.MethodError, match="teacher_sample_rows"):
     method_options.MethodOptions(teacher_sample_rows=0)
+  with pytest.raises(method_options.MethodError, match="teacher_sample_batch"):
+    method_options.MethodOptions(teacher_sample_batch=-1)
   with pytest.raises(method_options.MethodError, match="router_distill_weight"):
     method_options.MethodOptions(distill_inputs="teacher_samples", router_distill_weight=0.1)
   config = _config()

@@ -91,3 +91,4 @@ def test_ewc_rows_and_teacher_sample_variants():
   ):
     assert (sweep[name].router_init, sweep[name].router_offset) == ("copy_contrast", offset)
     assert sweep[name].distill_inputs == "teacher_samples"
+  assert sweep["lifelong_moe_offset2_src_ts_b4"].teacher_sample_batch == 4

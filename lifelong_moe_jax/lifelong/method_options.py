@@ -95,6 +95,8 @@ class MethodOptions:
       teacher at each phase start (a step draws a train batch of them).
     teacher_sample_temperature: the sampling temperature of those rows (1 = the teacher's own
       distribution).
+    teacher_sample_batch: rows of them per step (0: as many as the train batch); fewer cut the
+      extra student step's cost proportionally.
   """
 
   expert_init: str = "copy"
@@ -123,6 +125,7 @@ class MethodOptions:
   distill_inputs: str = "batch"
   teacher_sample_rows: int = 256
   teacher_sample_temperature: float = 1.0
+  teacher_sample_batch: int = 0
 
   def __post_init__(self):
     if self.expert_init not in ("copy", "random"):
@@ -204,6 +207,11 @@ class MethodOptions:
         "MethodOptions.teacher_sample_rows and teacher_sample_temperature must be positive, got "
         f"{self.teacher_sample_rows} and {self.teacher_sample_temperature}."
       )
+    if self.teacher_sample_batch < 0:
+      raise MethodError(
+        f"MethodOptions.teacher_sample_batch must be >= 0 (0: the train batch's), got "
+        f"{self.teacher_sample_batch}."
+      )
     if self.distill_inputs == "teacher_samples" and self.router_distill_weight > 0:
       raise MethodError(
         "MethodOptions.router_distill_weight acts on the new batch, which "
@@ -241,4 +249,5 @@ LEGACY_OPTION_VALUES = {
   "fisher_estimator": "batch_gradient",
   "teacher_sample_rows": 256,
   "teacher_sample_temperature": 1.0,
+  "teacher_sample_batch": 0,
 }

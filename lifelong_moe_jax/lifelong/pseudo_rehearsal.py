@@ -18,7 +18,7 @@ A teacher trained with pseudo-rehearsal itself generates text of every earlier d
 so the rehearsal chains over phases.
 
 ``TeacherSampleDistillation`` is the regularizer: every step it draws a batch of those rows (as many
-as the train batch), runs the student (train mode, as on the new batch) and the teacher on it and
+as the train batch, or ``teacher_sample_batch``), runs the student (train mode, as on the new batch) and the teacher on it and
 adds ``weight * T^2 KL(teacher || student)``; with ``distill_inputs = "both"`` it also keeps the
 usual term on the new batch (``distill.Distillation``, whose metrics keep their names). The extra
 student forward/backward and teacher forward on the rehearsal rows cost about one more train step
@@ -232,7 +232,12 @@ def phase_distillation(
       "started): delete the phase folder to rebuild its start."
     )
   return TeacherSampleDistillation(
-    teacher, teacher_params, rows, on_batch=setup.options.distill_inputs == "both", **kwargs
+    teacher,
+    teacher_params,
+    rows,
+    on_batch=setup.options.distill_inputs == "both",
+    batch_size=setup.options.teacher_sample_batch,
+    **kwargs,
   )
 
 
@@ -245,6 +250,7 @@ class TeacherSampleDistillation(distill.Distillation):
       (the router-level term, if any, is on the new batch only).
     rows: ``{feature: int [N, length]}`` (``pack_sequences`` layout), the phase's sample rows.
     on_batch: also distil on the step's new-data batch (``distill_inputs = "both"``).
+    batch_size: rows per step (0: as many as the train batch; fewer cut the extra step cost).
 
   Metrics: ``kl_samples`` (and ``kl``, ``router_kl`` from the batch term when ``on_batch``).
   """
@@ -256,9 +262,13 @@ class TeacherSampleDistillation(distill.Distillation):
     rows: Mapping[str, np.ndarray],
     *,
     on_batch: bool = False,
+    batch_size: int = 0,
     **kwargs: Any,
   ):
     super().__init__(teacher_model, teacher_params, **kwargs)
+    if batch_size < 0:
+      raise ValueError(f"batch_size must be >= 0 (0: the train batch's), got {batch_size}.")
+    self.batch_size = int(batch_size)
     missing = [k for k in FEATURES if k not in rows]
     if missing:
       raise ValueError(f"Teacher sample rows lack feature(s) {missing}.")
@@ -319,7 +329,8 @@ class TeacherSampleDistillation(distill.Distillation):
         params, batch, student_logits, teacher_params, rng, intermediates
       )
       metrics = dict(metrics)
-    pseudo = self.sample_batch(aux_state["rows"], batch["decoder_target_tokens"].shape[0], pick_rng)
+    size = self.batch_size or batch["decoder_target_tokens"].shape[0]
+    pseudo = self.sample_batch(aux_state["rows"], size, pick_rng)
     student, _, _ = self.student_model.apply(params, pseudo, train=True, rng=model_rng)
     kl = distill.distillation_loss(
       student,
