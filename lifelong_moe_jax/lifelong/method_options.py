@@ -9,6 +9,7 @@ from typing import Any
 import gin
 
 from lifelong_moe_jax.lifelong import expansion
+from lifelong_moe_jax.lifelong import penalties
 
 
 DISTILL_INPUTS = ("batch", "teacher_samples", "both")
@@ -141,9 +142,9 @@ class MethodOptions:
       raise MethodError(
         f"MethodOptions.replay_fraction must be in (0, 1), got {self.replay_fraction}."
       )
-    if self.fisher_estimator not in ("sampled_tokens", "batch_gradient"):
+    if self.fisher_estimator not in penalties.FISHER_ESTIMATORS:
       raise MethodError(
-        "MethodOptions.fisher_estimator must be 'sampled_tokens' or 'batch_gradient', got "
+        f"MethodOptions.fisher_estimator must be one of {penalties.FISHER_ESTIMATORS}, got "
         f"{self.fisher_estimator!r}."
       )
     if self.ewc_weight is None and self.fisher_estimator != "sampled_tokens":

@@ -40,6 +40,8 @@ import numpy as np
 from lifelong_moe_jax import decoding
 from lifelong_moe_jax import distributed
 from lifelong_moe_jax.lifelong import distill
+from lifelong_moe_jax.lifelong import report_plots
+from lifelong_moe_jax.lifelong.method_options import MethodError
 from lifelong_moe_jax.models import lm
 
 if TYPE_CHECKING:
@@ -165,12 +167,11 @@ def sample_rows(
 
 
 def save_samples(directory: str, rows: Mapping[str, np.ndarray]) -> str:
-  """Writes ``rows`` to ``directory/teacher_samples.npz`` (temporary file, then renamed)."""
+  """Writes ``rows`` to ``directory/teacher_samples.npz`` atomically (``write_atomic``)."""
   os.makedirs(directory, exist_ok=True)
   path = os.path.join(directory, SAMPLES_FILE)
-  tmp = path + ".tmp.npz"
-  np.savez(tmp, **{k: np.asarray(rows[k], np.int32) for k in FEATURES})
-  os.replace(tmp, path)
+  arrays = {k: np.asarray(rows[k], np.int32) for k in FEATURES}
+  report_plots.write_atomic(path, lambda f: np.savez(f, **arrays), binary=True)
   return path
 
 
@@ -227,7 +228,7 @@ def phase_distillation(
   ``Distillation`` hyperparameters)."""
   rows = load_samples(setup.phase_dir)
   if rows is None:
-    raise ValueError(
+    raise MethodError(
       f"{setup.phase_dir} has no {SAMPLES_FILE} (distill_inputs was 'batch' when this phase "
       "started): delete the phase folder to rebuild its start."
     )

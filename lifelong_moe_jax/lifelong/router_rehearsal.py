@@ -43,6 +43,7 @@ import numpy as np
 
 from lifelong_moe_jax import param_tree
 from lifelong_moe_jax.lifelong import expansion
+from lifelong_moe_jax.lifelong import report_plots
 from lifelong_moe_jax.lifelong import router_input
 from lifelong_moe_jax.lifelong.method_options import MethodError
 from lifelong_moe_jax.models import lm
@@ -260,11 +261,10 @@ class RouterRehearsal:
 
 
 def save_moments(directory: str, mean: np.ndarray, second_moment: np.ndarray) -> str:
-  """Writes ``directory/old_router_moments.npz`` atomically."""
+  """Writes ``directory/old_router_moments.npz`` atomically (``report_plots.write_atomic``)."""
   path = os.path.join(directory, MOMENTS_FILE)
-  tmp = path + ".tmp.npz"
-  np.savez(tmp, mean=np.asarray(mean, np.float64), second_moment=np.asarray(second_moment))
-  os.replace(tmp, path)
+  arrays = {"mean": np.asarray(mean, np.float64), "second_moment": np.asarray(second_moment)}
+  report_plots.write_atomic(path, lambda f: np.savez(f, **arrays), binary=True)
   return path
 
 
