@@ -75,7 +75,9 @@ def main(argv: Sequence[str]) -> None:
   try:
     sources.fortune_files()
   except sources.MissingDebianPackagesError as e:
-    raise gin_utils.GinConfigError(f"The study's phase B needs {e}") from e
+    raise gin_utils.GinConfigError(
+      f"The study's phase B (fortunes_intl) cannot be built: {e}"
+    ) from e
   gin_utils.apply_runtime_flags()
   prepare.prepare(data_dir=f.data_dir, distributions=DISTRIBUTIONS)
   gin_utils.import_task_modules()

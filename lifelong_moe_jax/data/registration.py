@@ -25,6 +25,7 @@ Registrations that depend on configuration parsed after import (gin bindings of 
 Every registration replaces an earlier one of the same name, so calling these functions again never
 fails on a duplicate.
 """
+
 from __future__ import annotations
 
 import functools
@@ -43,7 +44,7 @@ from lifelong_moe_jax.data import vocab
 TASK_PREFIX = "lifelong_"
 
 OUTPUT_FEATURES = {
-    "targets": seqio.Feature(vocabulary=vocab.shared_vocabulary(), add_eos=True, dtype=tf.int32)
+  "targets": seqio.Feature(vocabulary=vocab.shared_vocabulary(), add_eos=True, dtype=tf.int32)
 }
 
 _user_registrations: dict[str, tuple[Any, ...]] = {}
@@ -58,10 +59,10 @@ def task_name(distribution: str) -> str:
 def text_preprocessors(text_key: str = "text") -> list[Callable[..., tf.data.Dataset]]:
   """The LM preprocessing chain for examples with a string feature ``text_key``."""
   return [
-      functools.partial(seqio.preprocessors.rekey, key_map={"targets": text_key}),
-      seqio.preprocessors.tokenize,
-      seqio.preprocessors.append_eos,
-      preprocessors.split_tokens_to_length,
+    functools.partial(seqio.preprocessors.rekey, key_map={"targets": text_key}),
+    seqio.preprocessors.tokenize,
+    seqio.preprocessors.append_eos,
+    preprocessors.split_tokens_to_length,
   ]
 
 
@@ -69,8 +70,13 @@ def add_text_task(name: str, source: seqio.DataSource, text_key: str = "text") -
   """Registers (or replaces) LM task ``name`` over ``source``'s string feature ``text_key``."""
   if name in seqio.TaskRegistry.names():
     seqio.TaskRegistry.remove(name)
-  return seqio.TaskRegistry.add(name, source=source, output_features=OUTPUT_FEATURES,
-                                preprocessors=text_preprocessors(text_key), metric_fns=[])
+  return seqio.TaskRegistry.add(
+    name,
+    source=source,
+    output_features=OUTPUT_FEATURES,
+    preprocessors=text_preprocessors(text_key),
+    metric_fns=[],
+  )
 
 
 def _rate_by_text_bytes(task: seqio.Task) -> float:
@@ -82,8 +88,9 @@ def _rate_by_text_bytes(task: seqio.Task) -> float:
   return float(task.num_input_examples("train") or 1)
 
 
-def register_mixture(name: str, members: Sequence[str] | Mapping[str, float],
-                     rate: str | float = "equal") -> seqio.Mixture:
+def register_mixture(
+  name: str, members: Sequence[str] | Mapping[str, float], rate: str | float = "equal"
+) -> seqio.Mixture:
   """Registers (or replaces) mixture ``name`` over distributions or task names.
 
   Args:
@@ -102,8 +109,11 @@ def register_mixture(name: str, members: Sequence[str] | Mapping[str, float],
   """
   rates = None
   if isinstance(members, Mapping):
-    bad = {m: r for m, r in members.items()
-           if isinstance(r, bool) or not isinstance(r, (int, float)) or not r > 0}
+    bad = {
+      m: r
+      for m, r in members.items()
+      if isinstance(r, bool) or not isinstance(r, (int, float)) or not r > 0
+    }
     if bad:
       raise ValueError(f"Mixture '{name}': rates must be positive numbers, got {bad}.")
     rates = {task_name(m): float(r) for m, r in members.items()}
@@ -120,8 +130,9 @@ def register_mixture(name: str, members: Sequence[str] | Mapping[str, float],
   missing = [n for n in names if n not in seqio.TaskRegistry.names()]
   if missing:
     registered = sorted(n for n in seqio.TaskRegistry.names() if n.startswith(TASK_PREFIX))
-    raise ValueError(f"Mixture '{name}': unknown tasks {missing}. Registered lifelong tasks: "
-                     f"{registered}.")
+    raise ValueError(
+      f"Mixture '{name}': unknown tasks {missing}. Registered lifelong tasks: {registered}."
+    )
   if name in seqio.MixtureRegistry.names():
     seqio.MixtureRegistry.remove(name)
   if rates is not None:
@@ -130,16 +141,16 @@ def register_mixture(name: str, members: Sequence[str] | Mapping[str, float],
 
 
 def register_text_distribution(
-    name: str,
-    files: Iterable[str] | None = None,
-    folder: str | None = None,
-    *,
-    validation_fraction: float = distributions.DEFAULT_VALIDATION_FRACTION,
-    txt_mode: str = "paragraphs",
-    text_key: str = "text",
-    max_bytes: int | None = None,
-    description: str = "",
-    data_dir: str | None = None,
+  name: str,
+  files: Iterable[str] | None = None,
+  folder: str | None = None,
+  *,
+  validation_fraction: float = distributions.DEFAULT_VALIDATION_FRACTION,
+  txt_mode: str = "paragraphs",
+  text_key: str = "text",
+  max_bytes: int | None = None,
+  description: str = "",
+  data_dir: str | None = None,
 ) -> seqio.Task:
   """Adds distribution ``name`` from your own files and registers task ``lifelong_<name>``.
 
@@ -171,8 +182,16 @@ def register_text_distribution(
   sources.list_text_files(file_list, folder)  # fail early on missing paths
   if txt_mode not in ("paragraphs", "lines"):
     raise ValueError(f"txt_mode must be 'paragraphs' or 'lines', got {txt_mode!r}.")
-  signature = (file_list, folder, validation_fraction, txt_mode, text_key, max_bytes, description,
-               data_dir)
+  signature = (
+    file_list,
+    folder,
+    validation_fraction,
+    txt_mode,
+    text_key,
+    max_bytes,
+    description,
+    data_dir,
+  )
   tname = task_name(name)
   if _user_registrations.get(name) == signature and tname in seqio.TaskRegistry.names():
     return seqio.TaskRegistry.get(tname)
@@ -181,14 +200,14 @@ def register_text_distribution(
     return sources.list_text_files(file_list, folder)
 
   spec = distributions.DistributionSpec(
-      name=name,
-      units_fn=lambda: sources.text_file_units(paths(), txt_mode, text_key),
-      fingerprint_fn=lambda: sources.text_files_fingerprint(paths()),
-      description=description or f"User text distribution '{name}'.",
-      validation_fraction=validation_fraction,
-      max_bytes=max_bytes,
-      auto_build=True,
-      options={"txt_mode": txt_mode, "text_key": text_key},
+    name=name,
+    units_fn=lambda: sources.text_file_units(paths(), txt_mode, text_key),
+    fingerprint_fn=lambda: sources.text_files_fingerprint(paths()),
+    description=description or f"User text distribution '{name}'.",
+    validation_fraction=validation_fraction,
+    max_bytes=max_bytes,
+    auto_build=True,
+    options={"txt_mode": txt_mode, "text_key": text_key},
   )
   distributions.register_spec(spec)
   _user_registrations[name] = signature
@@ -197,12 +216,12 @@ def register_text_distribution(
 
 
 def register_tfds_distribution(
-    name: str,
-    tfds_name: str,
-    tfds_data_dir: str | None = None,
-    *,
-    text_key: str = "text",
-    splits: Mapping[str, str] | None = None,
+  name: str,
+  tfds_name: str,
+  tfds_data_dir: str | None = None,
+  *,
+  text_key: str = "text",
+  splits: Mapping[str, str] | None = None,
 ) -> seqio.Task:
   """Registers task ``lifelong_<name>`` over an already prepared TFDS dataset (C4, wiki40b, ...).
 
@@ -218,17 +237,20 @@ def register_tfds_distribution(
   """
   distributions.validate_name(name)
   source = seqio.TfdsDataSource(
-      tfds_name=tfds_name, tfds_data_dir=tfds_data_dir,
-      splits=dict(splits or {"train": "train", "validation": "validation"}), read_only=True)
+    tfds_name=tfds_name,
+    tfds_data_dir=tfds_data_dir,
+    splits=dict(splits or {"train": "train", "validation": "validation"}),
+    read_only=True,
+  )
   return add_text_task(task_name(name), source, text_key=text_key)
 
 
 def register_folder_distributions(
-    folders: Mapping[str, str] | None = None,
-    validation_fraction: float = distributions.DEFAULT_VALIDATION_FRACTION,
-    txt_mode: str = "paragraphs",
-    text_key: str = "text",
-    mixtures: Mapping[str, Sequence[str]] | None = None,
+  folders: Mapping[str, str] | None = None,
+  validation_fraction: float = distributions.DEFAULT_VALIDATION_FRACTION,
+  txt_mode: str = "paragraphs",
+  text_key: str = "text",
+  mixtures: Mapping[str, Sequence[str]] | None = None,
 ) -> list[str]:
   """Every ``name: folder`` in ``folders`` becomes task ``lifelong_<name>``.
 
@@ -248,9 +270,16 @@ def register_folder_distributions(
   Returns:
     The registered task names.
   """
-  names = [register_text_distribution(name, folder=folder, validation_fraction=validation_fraction,
-                                      txt_mode=txt_mode, text_key=text_key).name
-           for name, folder in sorted((folders or {}).items())]
+  names = [
+    register_text_distribution(
+      name,
+      folder=folder,
+      validation_fraction=validation_fraction,
+      txt_mode=txt_mode,
+      text_key=text_key,
+    ).name
+    for name, folder in sorted((folders or {}).items())
+  ]
   for mixture, members in sorted((mixtures or {}).items()):
     register_mixture(mixture, members)
   return names
