@@ -16,7 +16,9 @@ from lifelong_moe_jax import decoding
 from lifelong_moe_jax.lifelong import distill
 from lifelong_moe_jax.lifelong import method_options
 from lifelong_moe_jax.lifelong import pseudo_rehearsal as pr
+from lifelong_moe_jax.lifelong import router_rehearsal as rr
 from lifelong_moe_jax.models import lm
+from lifelong_moe_jax.models import router_probe
 from lifelong_moe_jax.models.config import ModelConfig
 
 
@@ -172,6 +174,70 @@ def test_loss_equals_a_separate_computation(on_batch, size):
   np.testing.assert_allclose(term, want, rtol=1e-5)
 
 
+def _neg_log_mass(logits, lo, hi):
+  """``-log sum_{lo <= e < hi} softmax(logits)_e`` in float64 numpy."""
+  x = np.asarray(logits, np.float64)
+  x = x - x.max(-1, keepdims=True)
+  p = np.exp(x) / np.exp(x).sum(-1, keepdims=True)
+  return -np.log(p[..., lo:hi].sum(-1))
+
+
+def test_router_rehearsal_on_sample_rows_equals_a_separate_computation():
+  """router_rehearsal_inputs = "teacher_samples": the old half on the sample rows' real tokens
+  (their router inputs in the same student pass), the new half on the batch's."""
+  t_config, s_config = _config(), _config(num_experts=6)
+  teacher, student = lm.LanguageModel(t_config), lm.LanguageModel(s_config)
+  t_params = nn.unbox(teacher.init(jax.random.PRNGKey(1)))
+  s_params = nn.unbox(student.init(jax.random.PRNGKey(2)))
+  rows = _rows(t_config)
+  rehearsal = rr.RouterRehearsal(
+    s_config,
+    4,
+    nn.unbox(student.abstract_params()),
+    student.params_logical_axes(),
+    None,
+    None,
+    weight=0.3,
+  )
+  with pytest.raises(ValueError, match="no Gaussians"):
+    rehearsal.init_state(None)
+  reg = pr.TeacherSampleDistillation(
+    teacher, t_params, rows, weight=0.7, batch_size=4, router_rehearsal=rehearsal
+  )
+  assert reg.uses_router_logits and reg.uses_router_inputs
+  aux, _ = reg.init_state(_Ctx(student, s_params))
+  batch = {k: v[:3] for k, v in _rows(t_config, seed=5).items()}
+  with router_probe.capture_router(token_inputs=True):
+    s_logits, inter, _ = student.apply(s_params, batch)
+  rng = jax.random.PRNGKey(9)
+  term, metrics = reg(s_params, batch, s_logits, aux, rng, intermediates=inter)
+  # The reference: the same rows, both halves from the router logits of separate forward passes.
+  pick_rng, model_rng = jax.random.split(rng)
+  pick = jax.random.randint(pick_rng, (4,), 0, rows["decoder_target_tokens"].shape[0])
+  pseudo = {k: jnp.asarray(v)[pick] for k, v in rows.items()}
+  with router_probe.capture_router():
+    _, pseudo_inter, _ = student.apply(s_params, pseudo, train=True, rng=model_rng)
+  old_logits = router_probe.collect_router_stats(pseudo_inter, s_config)["router_logits"]
+  new_logits = router_probe.collect_router_stats(inter, s_config)["router_logits"]
+  old_mask = np.asarray(lm.token_mask_of(pseudo), np.float64).reshape(old_logits.shape[1:3])
+  new_mask = np.asarray(lm.token_mask_of(batch), np.float64).reshape(new_logits.shape[1:3])
+  assert 0 < old_mask.sum() < old_mask.size  # the rows have padding, which must not count
+  want_old = np.mean(
+    [(_neg_log_mass(old_logits[m], 0, 4) * old_mask).sum() / old_mask.sum() for m in range(2)]
+  )
+  want_new = np.mean(
+    [(_neg_log_mass(new_logits[m], 4, 6) * new_mask).sum() / new_mask.sum() for m in range(2)]
+  )
+  np.testing.assert_allclose(metrics["router_rehearsal/old"], want_old, rtol=1e-4)
+  np.testing.assert_allclose(metrics["router_rehearsal/new"], want_new, rtol=1e-4)
+  np.testing.assert_allclose(
+    term, 0.7 * metrics["kl_samples"] + 0.3 * (want_old + want_new), rtol=1e-4
+  )
+  # Without the batch's router inputs the term refuses to guess.
+  with pytest.raises(ValueError, match="router inputs"):
+    reg(s_params, batch, s_logits, aux, rng)
+
+
 def test_student_equal_to_teacher_gets_zero_loss_and_gradient():
   config = _config()
   model = lm.LanguageModel(config)
@@ -203,6 +269,30 @@ def test_options_and_rows_are_validated():
     method_options.MethodOptions(teacher_sample_batch=-1)
   with pytest.raises(method_options.MethodError, match="router_distill_weight"):
     method_options.MethodOptions(distill_inputs="teacher_samples", router_distill_weight=0.1)
+  assert method_options.LEGACY_OPTION_VALUES["router_rehearsal_inputs"] == "gaussian"
+  with pytest.raises(method_options.MethodError, match="router_rehearsal_inputs"):
+    method_options.MethodOptions(router_rehearsal_inputs="replay")
+  with pytest.raises(method_options.MethodError, match="does not draw"):
+    method_options.MethodOptions(
+      router_rehearsal_inputs="teacher_samples", router_rehearsal_weight=0.1
+    )
+  on_samples = method_options.MethodOptions(
+    router_rehearsal_inputs="teacher_samples",
+    router_rehearsal_weight=0.1,
+    distill_inputs="teacher_samples",
+  )
+  from lifelong_moe_jax.lifelong import methods  # pylint: disable=import-outside-toplevel
+  from lifelong_moe_jax.lifelong import schedule  # pylint: disable=import-outside-toplevel
+
+  sched = schedule.LifelongSchedule(
+    phases=[
+      {"name": "a", "mixture": "a", "steps": 1},
+      {"name": "b", "mixture": "b", "steps": 1, "add_experts": 2},
+    ]
+  )
+  methods.get_method("lifelong_moe").validate(sched, _config(), on_samples)
+  with pytest.raises(method_options.MethodError, match="adds experts and distils"):
+    methods.get_method("expand_only").validate(sched, _config(), on_samples)
   config = _config()
   model = lm.LanguageModel(config)
   rows = _rows(config)
@@ -230,6 +320,8 @@ def test_two_phase_run_saves_the_teacher_samples_and_trains_on_them(tmp_path, pr
       *TWO_PHASES,
       'MethodOptions.distill_inputs = "both"',
       "MethodOptions.teacher_sample_rows = 8",
+      "MethodOptions.router_rehearsal_weight = 0.5",
+      'MethodOptions.router_rehearsal_inputs = "teacher_samples"',
     ],
   )
   report = runner.run()
@@ -261,3 +353,8 @@ def test_two_phase_run_saves_the_teacher_samples_and_trains_on_them(tmp_path, pr
   assert logged, records[-1].keys()
   for r in logged:
     assert r["reg/distillation/kl_samples"] >= 0 and r["reg/distillation/kl"] >= 0
+    # The router rehearsal runs inside the distillation term, on the rows (no Gaussians saved).
+    assert r["reg/distillation/router_rehearsal/old"] > 0
+    assert 0.0 < r["reg/distillation/router_rehearsal/old_new_mass"] < 1.0
+  assert not any(k.startswith("reg/router_rehearsal/") for r in records for k in r)
+  assert rr.load_moments(pdir) is None

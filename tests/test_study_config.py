@@ -92,3 +92,11 @@ def test_ewc_rows_and_teacher_sample_variants():
     assert (sweep[name].router_init, sweep[name].router_offset) == ("copy_contrast", offset)
     assert sweep[name].distill_inputs == "teacher_samples"
   assert sweep["lifelong_moe_offset2_src_ts_b4"].teacher_sample_batch == 4
+  for name, init, weight in (
+    ("lifelong_moe_offset2_src_ts_rts1", "copy_offset", 1.0),
+    ("lifelong_moe_contrast2_src_ts_rts1", "copy_contrast", 1.0),
+    ("lifelong_moe_contrast2_src_ts_rts0.1", "copy_contrast", 0.1),
+  ):
+    options = sweep[name]
+    assert (options.router_init, options.router_rehearsal_weight) == (init, weight)
+    assert options.router_rehearsal_inputs == options.distill_inputs == "teacher_samples"

@@ -228,7 +228,7 @@ class Distillation:
     ``params`` and ``rng`` are unused (the teacher is deterministic in eval mode).
     """
     del params, rng
-    if not self.uses_router_logits:
+    if self.router_weight <= 0:
       teacher = self.teacher_logits(aux_state, batch)
       kl = distillation_loss(student_logits, teacher, loss_weights_of(batch), self.temperature)
       return self.weight * kl, {"kl": kl}

@@ -13,6 +13,7 @@ from lifelong_moe_jax.lifelong import penalties
 
 
 DISTILL_INPUTS = ("batch", "teacher_samples", "both")
+ROUTER_REHEARSAL_INPUTS = ("gaussian", "teacher_samples")
 
 
 class MethodError(ValueError):
@@ -88,6 +89,10 @@ class MethodOptions:
       (measured when each phase starts, on the previous phase's data, and saved with the phase),
       ``-log`` of the old experts' probability; 0 disables.
     router_rehearsal_samples: synthetic inputs per earlier distribution and MoE layer per step.
+    router_rehearsal_inputs: the old inputs of the router rehearsal: "gaussian" (the synthetic
+      inputs above) or "teacher_samples" (the router inputs of the teacher's sample rows in the
+      student's forward pass that distils on them; needs ``distill_inputs`` "teacher_samples" or
+      "both" and a method that distils).
     distill_inputs: methods that distill: the inputs the distillation KL is computed on,
       "batch" (the step's new-data batch, as Chen et al.), "teacher_samples" (rows of sequences
       sampled from the teacher when the phase starts: pseudo-rehearsal, ``pseudo_rehearsal``) or
@@ -123,6 +128,7 @@ class MethodOptions:
   project_new_router_updates: bool = False
   router_rehearsal_weight: float = 0.0
   router_rehearsal_samples: int = 256
+  router_rehearsal_inputs: str = "gaussian"
   distill_inputs: str = "batch"
   teacher_sample_rows: int = 256
   teacher_sample_temperature: float = 1.0
@@ -219,6 +225,21 @@ class MethodOptions:
         "distill_inputs='teacher_samples' does not distil on: use distill_inputs='both' or "
         "router_distill_weight = 0."
       )
+    if self.router_rehearsal_inputs not in ROUTER_REHEARSAL_INPUTS:
+      raise MethodError(
+        f"MethodOptions.router_rehearsal_inputs must be one of {ROUTER_REHEARSAL_INPUTS}, got "
+        f"{self.router_rehearsal_inputs!r}."
+      )
+    if (
+      self.router_rehearsal_inputs == "teacher_samples"
+      and self.router_rehearsal_weight > 0
+      and self.distill_inputs == "batch"
+    ):
+      raise MethodError(
+        "MethodOptions.router_rehearsal_inputs = 'teacher_samples' rehearses on the teacher's "
+        "sample rows, which distill_inputs = 'batch' does not draw: set distill_inputs to "
+        "'teacher_samples' or 'both', or router_rehearsal_inputs = 'gaussian'."
+      )
     if self.teacher_capacity not in ("eval", "train"):
       raise MethodError(
         f"MethodOptions.teacher_capacity must be 'eval' or 'train', got {self.teacher_capacity!r}."
@@ -246,6 +267,7 @@ LEGACY_OPTION_VALUES = {
   "project_new_router_updates": False,
   "router_rehearsal_weight": 0.0,
   "router_rehearsal_samples": 256,
+  "router_rehearsal_inputs": "gaussian",
   "distill_inputs": "batch",
   "fisher_estimator": "batch_gradient",
   "teacher_sample_rows": 256,

@@ -197,8 +197,25 @@ class Method:
     return dataclasses.replace(run_options, **dict(self.option_overrides))
 
   # ----------------------------------------------------------------------------- per phase
-  def validate(self, schedule: LifelongSchedule, base_config: ModelConfig) -> None:
-    """Refuses schedules this method cannot run (called before anything is written)."""
+  def validate(
+    self,
+    schedule: LifelongSchedule,
+    base_config: ModelConfig,
+    options: "MethodOptions | None" = None,
+  ) -> None:
+    """Refuses schedules (and, given, the method's options) this method cannot run (called before
+    anything is written)."""
+    if (
+      options is not None
+      and options.router_rehearsal_weight > 0
+      and options.router_rehearsal_inputs == "teacher_samples"
+      and not (self.distill and self.expand)
+    ):
+      raise MethodError(
+        f"Method {self.name!r}: router_rehearsal_inputs = 'teacher_samples' needs a method that "
+        "adds experts and distils on the teacher's samples (e.g. lifelong_moe with "
+        "distill_inputs = 'teacher_samples'); use router_rehearsal_inputs = 'gaussian' here."
+      )
     if (self.expand or self.final_experts) and not base_config.is_moe:
       raise MethodError(
         f"Method {self.name!r} adds experts but the model is dense (ModelConfig.num_experts = 0)."
@@ -262,7 +279,8 @@ class Method:
 
   def _saves_router_moments(self, setup: PhaseSetup) -> bool:
     # copy_contrast reads the earlier distributions' moments saved with the previous phase.
-    return self._rehearses_router(setup) or (
+    gaussian = setup.options.router_rehearsal_inputs == "gaussian"
+    return (self._rehearses_router(setup) and gaussian) or (
       setup.options.router_init == "copy_contrast" and self.expand
     )
 
@@ -282,8 +300,14 @@ class Method:
     if options.balance_new_experts_only and added:
       config = self.model_config(setup.base_config, setup.schedule, setup.index, options)
       regs.append(new_expert_balance.NewExpertBalance(config, config.num_experts - added))
-    if self._rehearses_router(setup):
-      regs.append(router_rehearsal.phase_regularizer(self, setup, added))
+    rehearsal = (
+      router_rehearsal.phase_regularizer(self, setup, added)
+      if self._rehearses_router(setup)
+      else None
+    )
+    if rehearsal is not None and options.router_rehearsal_inputs == "gaussian":
+      regs.append(rehearsal)
+      rehearsal = None
     if not (self.distill or self.penalty):
       return regs
     prev_config = self.model_config(setup.base_config, setup.schedule, setup.index - 1, options)
@@ -303,7 +327,11 @@ class Method:
       if options.distill_inputs == "batch":
         regs.append(distill.Distillation(teacher, prev_params, **kwargs))
       else:
-        regs.append(pseudo_rehearsal.phase_distillation(setup, teacher, prev_params, **kwargs))
+        regs.append(
+          pseudo_rehearsal.phase_distillation(
+            setup, teacher, prev_params, router_rehearsal=rehearsal, **kwargs
+          )
+        )
     if self.penalty == "l2":
       anchor = penalties.l2_anchor(prev_params).expand_to(
         prev_model.params_logical_axes(), self.added_experts(setup.schedule, setup.index)

@@ -27,6 +27,7 @@ of compute per step.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
@@ -43,6 +44,7 @@ from lifelong_moe_jax.lifelong import distill
 from lifelong_moe_jax.lifelong import report_plots
 from lifelong_moe_jax.lifelong.method_options import MethodError
 from lifelong_moe_jax.models import lm
+from lifelong_moe_jax.models import router_probe
 
 if TYPE_CHECKING:
   from lifelong_moe_jax.lifelong.methods import Method, PhaseSetup
@@ -252,8 +254,13 @@ class TeacherSampleDistillation(distill.Distillation):
     rows: ``{feature: int [N, length]}`` (``pack_sequences`` layout), the phase's sample rows.
     on_batch: also distil on the step's new-data batch (``distill_inputs = "both"``).
     batch_size: rows per step (0: as many as the train batch; fewer cut the extra step cost).
+    router_rehearsal: a ``router_rehearsal.RouterRehearsal`` without Gaussians
+      (``router_rehearsal_inputs = "teacher_samples"``): its term is added with the router inputs
+      of the sample rows (captured in the same student forward pass) as the old inputs and the new
+      batch's as the new ones; None: no router rehearsal here.
 
-  Metrics: ``kl_samples`` (and ``kl``, ``router_kl`` from the batch term when ``on_batch``).
+  Metrics: ``kl_samples`` (and ``kl``, ``router_kl`` from the batch term when ``on_batch``;
+  ``router_rehearsal/{new,old,new_mass,old_new_mass}`` with ``router_rehearsal``).
   """
 
   def __init__(
@@ -264,9 +271,11 @@ class TeacherSampleDistillation(distill.Distillation):
     *,
     on_batch: bool = False,
     batch_size: int = 0,
+    router_rehearsal: Any = None,
     **kwargs: Any,
   ):
     super().__init__(teacher_model, teacher_params, **kwargs)
+    self.router_rehearsal = router_rehearsal
     if batch_size < 0:
       raise ValueError(f"batch_size must be >= 0 (0: the train batch's), got {batch_size}.")
     self.batch_size = int(batch_size)
@@ -284,7 +293,10 @@ class TeacherSampleDistillation(distill.Distillation):
         "only (distill_inputs='teacher_samples') set router_distill_weight = 0, or use "
         "distill_inputs='both'."
       )
-    self.uses_router_logits = self.uses_router_logits and self.on_batch
+    self.uses_router_logits = (self.uses_router_logits and self.on_batch) or (
+      router_rehearsal is not None
+    )
+    self.uses_router_inputs = router_rehearsal is not None
     self.student_model: lm.LanguageModel | None = None
 
   def init_state(self, ctx: Any) -> tuple[Any, Any]:
@@ -332,7 +344,19 @@ class TeacherSampleDistillation(distill.Distillation):
       metrics = dict(metrics)
     size = self.batch_size or batch["decoder_target_tokens"].shape[0]
     pseudo = self.sample_batch(aux_state["rows"], size, pick_rng)
-    student, _, _ = self.student_model.apply(params, pseudo, train=True, rng=model_rng)
+    capture = (
+      router_probe.capture_router(logits=False, token_inputs=True)
+      if self.router_rehearsal is not None
+      else contextlib.nullcontext()
+    )
+    with capture:
+      student, pseudo_inter, _ = self.student_model.apply(params, pseudo, train=True, rng=model_rng)
+    if self.router_rehearsal is not None:
+      term, rehearsal_metrics = self._router_rehearsal_term(
+        params, batch, intermediates, pseudo, pseudo_inter
+      )
+      total = total + term
+      metrics.update(rehearsal_metrics)
     kl = distill.distillation_loss(
       student,
       self.teacher_logits(teacher_params, pseudo),
@@ -341,3 +365,26 @@ class TeacherSampleDistillation(distill.Distillation):
     )
     metrics["kl_samples"] = kl
     return total + self.weight * kl, metrics
+
+  def _router_rehearsal_term(
+    self, params: Any, batch: lm.Batch, intermediates: Any, pseudo: dict, pseudo_inter: Any
+  ) -> tuple[Array, dict[str, Array]]:
+    """The router rehearsal (term, metrics): the new batch's router inputs are its new inputs,
+    the sample rows' its old ones (both captured in the student's forward passes)."""
+    config = self.student_model.config
+    key = router_probe.ROUTER_INPUTS
+    x_new = (
+      None
+      if intermediates is None
+      else router_probe.collect_router_stats(intermediates, config).get(key)
+    )
+    if x_new is None:
+      raise ValueError(
+        "The router rehearsal on teacher samples needs the student's intermediates with router "
+        "inputs (training.losses.training_loss captures them for uses_router_inputs)."
+      )
+    x_old = router_probe.collect_router_stats(pseudo_inter, config)[key]
+    term, metrics = self.router_rehearsal.terms(
+      params, x_new, lm.token_mask_of(batch), x_old, lm.token_mask_of(pseudo)
+    )
+    return term, {f"router_rehearsal/{k}": v for k, v in metrics.items()}

@@ -95,17 +95,24 @@ def new_expert_log_mass(logits: Array, num_old: int) -> tuple[Array, Array]:
 
 
 def rehearsal_terms(
-  router_logits: Array, token_mask: Array, old_logits: Array, num_old: int
+  router_logits: Array,
+  token_mask: Array,
+  old_logits: Array,
+  num_old: int,
+  old_weights: Array | None = None,
 ) -> tuple[Array, Array]:
   """Per-layer ``(new, old)`` terms.
 
   Args:
     router_logits: float32 ``[M, G, S, E]``, the step's router logits (``router_probe``).
     token_mask: ``[batch, length]`` real tokens (``G * S = batch * length``).
-    old_logits: float32 ``[M, N, E]``, router logits of N synthetic old inputs per layer.
+    old_logits: float32 ``[M, N, E]``, router logits of N old inputs per layer (synthetic, or the
+      tokens of the teacher's sample rows).
     num_old: experts ``[0, num_old)`` are the earlier phases'.
+    old_weights: optional ``[N]`` weights of the old inputs (the sample rows' token mask); None:
+      all equal.
   Returns:
-    float32 ``[M]`` each: ``mean_tokens -log P_new`` and ``mean_samples -log P_old``.
+    float32 ``[M]`` each: ``mean_tokens -log P_new`` and ``mean_old_inputs -log P_old``.
   """
   if not 0 < num_old < router_logits.shape[-1]:
     raise ValueError(f"num_old must be in (0, {router_logits.shape[-1]}), got {num_old}.")
@@ -113,7 +120,10 @@ def rehearsal_terms(
   log_new, _ = new_expert_log_mass(router_logits, num_old)  # [M, G, S]
   new = -jnp.sum(log_new * mask, axis=(1, 2)) / jnp.maximum(jnp.sum(mask), 1.0)
   _, log_old = new_expert_log_mass(old_logits, num_old)  # [M, N]
-  return new, -jnp.mean(log_old, axis=-1)
+  if old_weights is None:
+    return new, -jnp.mean(log_old, axis=-1)
+  w = old_weights.astype(jnp.float32).reshape(-1)
+  return new, -jnp.sum(log_old * w, axis=-1) / jnp.maximum(jnp.sum(w), 1.0)
 
 
 def router_kernel_layers(abstract_params: PyTree, params_axes: PyTree, num_moe_layers: int):
@@ -149,8 +159,11 @@ class RouterRehearsal:
     config: the student model (E experts).
     num_old: experts before this phase (E_old).
     abstract_params / params_axes: the student's params (shapes) and logical axes.
-    mean: float ``[P, M, embed]`` earlier distributions' mean router inputs.
-    second_moment: float ``[P, M, embed, embed]``.
+    mean: float ``[P, M, embed]`` earlier distributions' mean router inputs; None when the old
+      inputs are the teacher's sample rows (``router_rehearsal_inputs = "teacher_samples"``: then
+      ``pseudo_rehearsal.TeacherSampleDistillation`` calls ``terms`` with them, and this object is
+      not a regularizer of its own).
+    second_moment: float ``[P, M, embed, embed]`` (None with ``mean``).
     weight: the term's weight (> 0).
     num_samples: synthetic inputs per earlier distribution and MoE layer per step.
     name: the hook's name (metrics ``reg/<name>/new``, ``reg/<name>/old``, ``.../new_mass``,
@@ -166,8 +179,8 @@ class RouterRehearsal:
     num_old: int,
     abstract_params: PyTree,
     params_axes: PyTree,
-    mean: np.ndarray,
-    second_moment: np.ndarray,
+    mean: np.ndarray | None,
+    second_moment: np.ndarray | None,
     *,
     weight: float,
     num_samples: int = 256,
@@ -180,17 +193,19 @@ class RouterRehearsal:
       )
     if weight <= 0 or num_samples <= 0:
       raise ValueError(f"weight and num_samples must be positive, got {weight}, {num_samples}.")
-    mean = np.asarray(mean, np.float64)
     num_moe = config.num_layers // config.moe_every
-    if mean.ndim != 3 or mean.shape[1:] != (num_moe, config.embed_dim):
-      raise ValueError(
-        f"Router-input means {mean.shape} do not fit the model: expected "
-        f"[phases, {num_moe}, {config.embed_dim}]."
-      )
     self.config = config
     self.num_old = int(num_old)
-    self.mean = mean.astype(np.float32)
-    self.chol = gaussian_factors(mean, second_moment)
+    self.mean = self.chol = None
+    if mean is not None:
+      mean = np.asarray(mean, np.float64)
+      if mean.ndim != 3 or mean.shape[1:] != (num_moe, config.embed_dim):
+        raise ValueError(
+          f"Router-input means {mean.shape} do not fit the model: expected "
+          f"[phases, {num_moe}, {config.embed_dim}]."
+        )
+      self.mean = mean.astype(np.float32)
+      self.chol = gaussian_factors(mean, second_moment)
     self.weight = float(weight)
     self.num_samples = int(num_samples)
     self.name = name
@@ -199,6 +214,11 @@ class RouterRehearsal:
   def init_state(self, ctx: Any) -> tuple[Any, Any]:
     """The Gaussians, replicated: ``{"mean": [P, M, d], "chol": [P, M, d, d]}``."""
     del ctx
+    if self.mean is None:
+      raise ValueError(
+        "This RouterRehearsal has no Gaussians (its old inputs are teacher sample rows): it is "
+        "part of pseudo_rehearsal.TeacherSampleDistillation, not a regularizer of its own."
+      )
     state = {"mean": jnp.asarray(self.mean), "chol": jnp.asarray(self.chol)}
     return state, {"mean": P(), "chol": P()}
 
@@ -244,18 +264,41 @@ class RouterRehearsal:
         "RouterRehearsal found no router inputs in the student's intermediates (run the forward "
         "pass under models.router_probe.capture_router(token_inputs=True))."
       )
+    return self.terms(params, x_new, lm.token_mask_of(batch), self.synthetic_inputs(aux_state, rng))
+
+  def terms(
+    self,
+    params: PyTree,
+    x_new: Array,
+    token_mask: Array,
+    x_old: Array,
+    old_weights: Array | None = None,
+  ) -> tuple[Array, dict[str, Array]]:
+    """``(weight * mean_m (new_m + old_m), metrics)`` for given router inputs.
+
+    Args:
+      params: the student's params (the router kernels are read from them).
+      x_new: ``[M, G, S, embed]`` the new batch's router inputs.
+      token_mask: ``[batch, length]`` its real tokens.
+      x_old: ``[M, N, embed]`` old inputs (synthetic), or ``[M, G', S', embed]`` (the router
+        inputs of the teacher's sample rows, with ``old_weights`` their ``[batch', length]`` mask).
+      old_weights: see ``x_old``; None: all old inputs count equally.
+    """
     kernels = self.stacked_kernels(params)
-    # The batch's router inputs enter without gradient: the term trains the router columns only.
+    # The router inputs enter without gradient: the term trains the router columns only.
     logits = jnp.einsum("mgsd,mde->mgse", jax.lax.stop_gradient(x_new), kernels)
-    x_old = self.synthetic_inputs(aux_state, rng)
+    x_old = jax.lax.stop_gradient(x_old).reshape(x_old.shape[0], -1, x_old.shape[-1])
     old_logits = jnp.einsum("mnd,mde->mne", x_old, kernels)
-    new, old = rehearsal_terms(logits, lm.token_mask_of(batch), old_logits, self.num_old)
+    new, old = rehearsal_terms(logits, token_mask, old_logits, self.num_old, old_weights)
     new, old = jnp.mean(new), jnp.mean(old)
+    w = jnp.ones(x_old.shape[1], jnp.float32) if old_weights is None else old_weights
+    w = w.astype(jnp.float32).reshape(-1)
+    old_mass = jnp.exp(new_expert_log_mass(old_logits, self.num_old)[0])  # [M, N]
     metrics = {
       "new": new,
       "old": old,
       "new_mass": jnp.mean(jnp.exp(new_expert_log_mass(logits, self.num_old)[0])),
-      "old_new_mass": jnp.mean(jnp.exp(new_expert_log_mass(old_logits, self.num_old)[0])),
+      "old_new_mass": jnp.mean(jnp.sum(old_mass * w, axis=-1) / jnp.maximum(jnp.sum(w), 1.0)),
     }
     return self.weight * (new + old), metrics
 
@@ -312,7 +355,10 @@ def save_accumulated_moments(method: Method, setup: PhaseSetup, start_dir: str):
 
 def phase_regularizer(method: Method, setup: PhaseSetup, added: int) -> "RouterRehearsal":
   """The ``RouterRehearsal`` of a phase, on the moments saved with its start."""
-  moments = load_moments(setup.phase_dir)
+  if setup.options.router_rehearsal_inputs == "teacher_samples":
+    moments = (None, None)  # the old inputs are the teacher's sample rows
+  else:
+    moments = load_moments(setup.phase_dir)
   if moments is None:
     raise MethodError(
       f"{setup.phase_dir} has no {MOMENTS_FILE} (router_rehearsal_weight was 0 when this phase "
@@ -321,10 +367,12 @@ def phase_regularizer(method: Method, setup: PhaseSetup, added: int) -> "RouterR
   config = method.model_config(setup.base_config, setup.schedule, setup.index, setup.options)
   model = lm.LanguageModel(config)
   logging.info(
-    "[%s] phase %d: router rehearsal against %d earlier distribution(s), weight %g.",
+    "[%s] phase %d: router rehearsal against %s, weight %g.",
     method.name,
     setup.index,
-    moments[0].shape[0],
+    "the teacher's sample rows"
+    if moments[0] is None
+    else f"{moments[0].shape[0]} earlier distribution(s)",
     setup.options.router_rehearsal_weight,
   )
   return RouterRehearsal(

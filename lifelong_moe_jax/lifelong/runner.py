@@ -291,7 +291,7 @@ class LifelongRunner:
     )
     sched.validate_lengths(self.base_config.max_length)
     for method in self.method_objects.values():
-      method.validate(sched, self.base_config)
+      method.validate(sched, self.base_config, method.options(self.options))
       partitioning.validate_model_for_mesh(
         self.config_for(method.name, len(sched.phases) - 1), self.mesh
       )
