@@ -35,7 +35,7 @@ test: lint
 demo: data
 	$(PY) -m lifelong_moe_jax.demo --data_dir $(DATA_DIR) --model_dir $(MODEL_DIR)
 
-# The issue-11 study (about 100 min on 2 quiet CPU cores; not part of `make test` or CI). Needs the
+# The issue-11 study (72 min measured from scratch on 2 quiet CPU cores; not part of `make test` or CI). Needs the
 # Debian packages fortunes-de fortunes-ru fortunes-zh; stops at once with the install command
 # otherwise.
 study: $(STAMP)
