@@ -306,6 +306,26 @@ def test_options_and_rows_are_validated():
     reg.init_state(_Ctx(model, {}))
 
 
+def test_sample_pool_option_and_pooling():
+  assert method_options.MethodOptions().teacher_sample_pool == "latest"
+  assert method_options.LEGACY_OPTION_VALUES["teacher_sample_pool"] == "latest"
+  with pytest.raises(method_options.MethodError, match="teacher_sample_pool must be one of"):
+    method_options.MethodOptions(distill_inputs="teacher_samples", teacher_sample_pool="all")
+  with pytest.raises(method_options.MethodError, match="does not draw"):
+    method_options.MethodOptions(teacher_sample_pool="accumulated")
+  method_options.MethodOptions(distill_inputs="both", teacher_sample_pool="accumulated")
+  earlier = {k: np.full((2, 4), i, np.int32) for i, k in enumerate(pr.FEATURES)}
+  new = {k: np.full((3, 4), 10 + i, np.int32) for i, k in enumerate(pr.FEATURES)}
+  pooled = pr.pool_rows(earlier, new)
+  for i, k in enumerate(pr.FEATURES):
+    assert pooled[k].shape == (5, 4)
+    assert pooled[k][:2].tolist() == [[i] * 4] * 2 and pooled[k][2:].tolist() == [[10 + i] * 4] * 3
+  assert pr.pool_rows(None, new)["decoder_target_tokens"].shape == (3, 4)
+  short = {k: np.zeros((2, 3), np.int32) for k in pr.FEATURES}
+  with pytest.raises(method_options.MethodError, match="lengths \\[3, 4\\]"):
+    pr.pool_rows(short, new)
+
+
 def test_two_phase_run_saves_the_teacher_samples_and_trains_on_them(tmp_path, prepared_data_dir):
   from lifelong_moe_jax import checkpoints  # pylint: disable=import-outside-toplevel
   from lifelong_moe_jax import partitioning  # pylint: disable=import-outside-toplevel
@@ -358,3 +378,51 @@ def test_two_phase_run_saves_the_teacher_samples_and_trains_on_them(tmp_path, pr
     assert 0.0 < r["reg/distillation/router_rehearsal/old_new_mass"] < 1.0
   assert not any(k.startswith("reg/router_rehearsal/") for r in records for k in r)
   assert rr.load_moments(pdir) is None
+
+
+def test_accumulated_pool_keeps_every_earlier_generators_rows(tmp_path, prepared_data_dir):
+  from lifelong_moe_jax import checkpoints  # pylint: disable=import-outside-toplevel
+  from lifelong_moe_jax import partitioning  # pylint: disable=import-outside-toplevel
+  from tiny_runner import tiny_runner  # pylint: disable=import-outside-toplevel
+
+  runner = tiny_runner(
+    str(tmp_path / "run"),
+    prepared_data_dir,
+    ["lifelong_moe"],
+    [
+      'LifelongSchedule.phases = [{"name": "wiki_en", "mixture": "lifelong_wiki_en", "steps": 2},'
+      ' {"name": "code_py", "mixture": "lifelong_code_py", "steps": 2, "add_experts": 2},'
+      ' {"name": "dialog_en", "mixture": "lifelong_dialog_en", "steps": 2, "add_experts": 2}]',
+      "LifelongSchedule.eval_max_batches = 1",
+      'MethodOptions.distill_inputs = "teacher_samples"',
+      "MethodOptions.teacher_sample_rows = 4",
+      'MethodOptions.teacher_sample_pool = "accumulated"',
+    ],
+  )
+  report = runner.run()
+  assert report["methods"]["lifelong_moe"]["complete"]
+  length = runner.schedule.task_feature_lengths["targets"]
+  rows1 = pr.load_samples(runner.phase_dir("lifelong_moe", 1))
+  rows2 = pr.load_samples(runner.phase_dir("lifelong_moe", 2))
+  assert rows1["decoder_target_tokens"].shape == (4, length)  # phase A's model only
+  assert rows2["decoder_target_tokens"].shape == (8, length)
+  for k in pr.FEATURES:  # phase B's rows (drawn from A's model) come first, unchanged
+    np.testing.assert_array_equal(rows2[k][:4], rows1[k])
+  # ... then phase B's final model's own samples with the schedule's key for phase 2.
+  model1 = lm.LanguageModel(runner.config_for("lifelong_moe", 1))
+  partitioner = partitioning.Partitioner(
+    partitioning.create_mesh(partitioning.MeshConfig(-1, 1, 1))
+  )
+  params1 = checkpoints.restore_model_params(
+    runner.layout.final_step_dir("lifelong_moe", 1), model1, partitioner
+  )
+  with partitioner.context():
+    want, _ = pr.sample_rows(
+      model1,
+      params1,
+      num_rows=4,
+      length=length,
+      rng=jax.random.PRNGKey(runner.schedule.seed + pr.SAMPLE_SEED_OFFSET + 2),
+    )
+  for k in pr.FEATURES:
+    np.testing.assert_array_equal(rows2[k][4:], want[k])

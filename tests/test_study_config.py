@@ -100,3 +100,11 @@ def test_ewc_rows_and_teacher_sample_variants():
     options = sweep[name]
     assert (options.router_init, options.router_rehearsal_weight) == (init, weight)
     assert options.router_rehearsal_inputs == options.distill_inputs == "teacher_samples"
+    assert options.teacher_sample_pool == "latest"
+  assert sweep["lifelong_moe_offset2_src_ts_acc"].teacher_sample_pool == "accumulated"
+  acc = sweep["lifelong_moe_contrast2_src_ts_rts1_acc"]
+  assert (acc.teacher_sample_pool, acc.router_rehearsal_inputs) == (
+    "accumulated",
+    "teacher_samples",
+  )
+  assert (acc.router_init, acc.router_rehearsal_weight) == ("copy_contrast", 1.0)

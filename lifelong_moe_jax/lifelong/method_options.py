@@ -14,6 +14,7 @@ from lifelong_moe_jax.lifelong import penalties
 
 DISTILL_INPUTS = ("batch", "teacher_samples", "both")
 ROUTER_REHEARSAL_INPUTS = ("gaussian", "teacher_samples")
+TEACHER_SAMPLE_POOLS = ("latest", "accumulated")
 
 
 class MethodError(ValueError):
@@ -103,6 +104,10 @@ class MethodOptions:
       distribution).
     teacher_sample_batch: rows of them per step (0: as many as the train batch); fewer cut the
       extra student step's cost proportionally.
+    teacher_sample_pool: the rows a phase rehearses: "latest" (only the rows sampled from the
+      previous phase's model) or "accumulated" (those plus every earlier phase's rows, so each
+      earlier generator contributes ``teacher_sample_rows``: the latest model's samples lean to the
+      latest distribution).
   """
 
   expert_init: str = "copy"
@@ -133,6 +138,7 @@ class MethodOptions:
   teacher_sample_rows: int = 256
   teacher_sample_temperature: float = 1.0
   teacher_sample_batch: int = 0
+  teacher_sample_pool: str = "latest"
 
   def __post_init__(self):
     if self.expert_init not in ("copy", "random"):
@@ -219,6 +225,17 @@ class MethodOptions:
         f"MethodOptions.teacher_sample_batch must be >= 0 (0: the train batch's), got "
         f"{self.teacher_sample_batch}."
       )
+    if self.teacher_sample_pool not in TEACHER_SAMPLE_POOLS:
+      raise MethodError(
+        f"MethodOptions.teacher_sample_pool must be one of {TEACHER_SAMPLE_POOLS}, got "
+        f"{self.teacher_sample_pool!r}."
+      )
+    if self.teacher_sample_pool == "accumulated" and self.distill_inputs == "batch":
+      raise MethodError(
+        "MethodOptions.teacher_sample_pool = 'accumulated' pools the teacher's sample rows, which "
+        "distill_inputs = 'batch' does not draw: set distill_inputs to 'teacher_samples' or "
+        "'both', or teacher_sample_pool = 'latest'."
+      )
     if self.distill_inputs == "teacher_samples" and self.router_distill_weight > 0:
       raise MethodError(
         "MethodOptions.router_distill_weight acts on the new batch, which "
@@ -273,4 +290,5 @@ LEGACY_OPTION_VALUES = {
   "teacher_sample_rows": 256,
   "teacher_sample_temperature": 1.0,
   "teacher_sample_batch": 0,
+  "teacher_sample_pool": "latest",
 }

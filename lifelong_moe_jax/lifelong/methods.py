@@ -379,21 +379,7 @@ class Method:
       )
     bases = None
     if projects:
-      means = router_projection.load_means(setup.phase_dir)
-      if means is None:
-        raise MethodError(
-          f"{setup.phase_dir} has no {router_projection.MEANS_FILE} (project_new_router_updates "
-          "was off when this phase started): delete the phase folder to rebuild its start."
-        )
-      bases = router_projection.orthonormal_bases(means)
-      logging.info(
-        "[%s] phase %s: updates of router columns [%d, ...) projected orthogonal to the mean "
-        "router inputs of %d earlier distribution(s).",
-        self.name,
-        phase.name,
-        first_new,
-        means.shape[0],
-      )
+      bases = router_projection.phase_bases(self.name, setup.phase_dir, phase.name, first_new)
 
     def wrap(tx):
       tx = freeze.with_frozen(tx, mask) if mask is not None else tx

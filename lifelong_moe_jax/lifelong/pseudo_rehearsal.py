@@ -15,7 +15,11 @@ When a phase starts, ``save_teacher_samples`` draws sequences from the previous 
 ``DecoderFeatureConverter`` lays out train batches (``pack_sequences``) and saves them with the
 phase's start (``<phase folder>/teacher_samples.npz``), so a resumed phase rehearses the same rows.
 A teacher trained with pseudo-rehearsal itself generates text of every earlier distribution it kept,
-so the rehearsal chains over phases.
+so the rehearsal chains over phases; its samples lean to the distribution it was trained on last,
+though (the study's phase-C rows were about a third English text after B). With
+``teacher_sample_pool = "accumulated"`` a phase's rows are the previous phase's saved rows (drawn
+from the models before) followed by the new ones (``pool_rows``), so every earlier generator
+contributes ``teacher_sample_rows`` rows; the teacher of the KL is still the previous phase's model.
 
 ``TeacherSampleDistillation`` is the regularizer: every step it draws a batch of those rows (as many
 as the train batch, or ``teacher_sample_batch``), runs the student (train mode, as on the new batch) and the teacher on it and
@@ -186,14 +190,40 @@ def load_samples(directory: str) -> dict[str, np.ndarray] | None:
     return {k: data[k] for k in FEATURES}
 
 
+def pool_rows(
+  earlier: Mapping[str, np.ndarray] | None, new: Mapping[str, np.ndarray]
+) -> dict[str, np.ndarray]:
+  """``earlier``'s rows followed by ``new``'s (``[N_earlier + N_new, length]`` per feature);
+  ``new`` alone when ``earlier`` is None."""
+  if earlier is None:
+    return {k: np.asarray(new[k]) for k in FEATURES}
+  lengths = {np.shape(earlier[k])[1] for k in FEATURES} | {np.shape(new[k])[1] for k in FEATURES}
+  if len(lengths) != 1:
+    raise MethodError(
+      f"Cannot pool teacher sample rows of lengths {sorted(lengths)}: the schedule's targets "
+      "length changed between phases; use teacher_sample_pool = 'latest'."
+    )
+  return {k: np.concatenate([earlier[k], new[k]], axis=0) for k in FEATURES}
+
+
 def save_teacher_samples(method: Method, setup: PhaseSetup, start_dir: str) -> dict[str, float]:
   """Samples the previous phase's final model and saves the rows with the phase's start.
 
   Key ``PRNGKey(schedule.seed + 104729 + index)``; row length = the schedule's ``targets`` length;
-  every process samples (collectively, params are sharded) and process 0 writes.
+  every process samples (collectively, params are sharded) and process 0 writes. With
+  ``teacher_sample_pool = "accumulated"`` the previous phase's saved rows come first (``pool_rows``).
   """
   t0 = time.perf_counter()
   schedule, options = setup.schedule, setup.options
+  earlier = None
+  if options.teacher_sample_pool == "accumulated" and setup.index > 1:
+    earlier = load_samples(setup.previous_phase_dir)
+    if earlier is None:
+      raise MethodError(
+        f"teacher_sample_pool = 'accumulated': {setup.previous_phase_dir} has no {SAMPLES_FILE} "
+        "to pool (its phase did not distil on teacher samples); use teacher_sample_pool = "
+        "'latest'."
+      )
   teacher = lm.LanguageModel(
     method.model_config(setup.base_config, schedule, setup.index - 1, options)
   )
@@ -206,14 +236,16 @@ def save_teacher_samples(method: Method, setup: PhaseSetup, start_dir: str) -> d
       rng=jax.random.PRNGKey(schedule.seed + SAMPLE_SEED_OFFSET + setup.index),
       temperature=options.teacher_sample_temperature,
     )
+  rows = pool_rows(earlier, rows)
   if jax.process_index() == 0:
     save_samples(start_dir, rows)
   logging.info(
-    "[%s] phase %d: %d teacher sample rows (%d sequences, mean length %.1f, %.0f%% ended with "
+    "[%s] phase %d: %d teacher sample rows%s (%d sequences, mean length %.1f, %.0f%% ended with "
     "EOS, %.0f%% of positions filled; %.1f s).",
     method.name,
     setup.index,
     options.teacher_sample_rows,
+    "" if earlier is None else f" after {len(earlier[FEATURES[0]])} pooled earlier rows",
     stats["sequences"],
     stats["mean_length"],
     100 * stats["stopped_fraction"],

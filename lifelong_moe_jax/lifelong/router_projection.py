@@ -33,6 +33,7 @@ import optax
 from lifelong_moe_jax import param_tree
 from lifelong_moe_jax.lifelong import expansion
 from lifelong_moe_jax.lifelong import router_input
+from lifelong_moe_jax.lifelong.method_options import MethodError
 
 if TYPE_CHECKING:
   from lifelong_moe_jax.lifelong.methods import Method, PhaseSetup
@@ -153,6 +154,29 @@ def load_means(directory: str) -> np.ndarray | None:
   """The means saved in ``directory`` (None when there are none)."""
   path = os.path.join(directory, MEANS_FILE)
   return np.load(path) if os.path.exists(path) else None
+
+
+def phase_bases(method_name: str, phase_dir: str, phase_name: str, first_new: int) -> np.ndarray:
+  """Orthonormal bases (``orthonormal_bases``) of the means saved when the phase started.
+
+  Raises:
+    MethodError: the phase folder has no means (the option was off when the phase started).
+  """
+  means = load_means(phase_dir)
+  if means is None:
+    raise MethodError(
+      f"{phase_dir} has no {MEANS_FILE} (project_new_router_updates was off when this phase "
+      "started): delete the phase folder to rebuild its start."
+    )
+  logging.info(
+    "[%s] phase %s: updates of router columns [%d, ...) projected orthogonal to the mean router "
+    "inputs of %d earlier distribution(s).",
+    method_name,
+    phase_name,
+    first_new,
+    means.shape[0],
+  )
+  return orthonormal_bases(means)
 
 
 def save_accumulated_means(method: Method, setup: PhaseSetup, start_dir: str) -> np.ndarray:
