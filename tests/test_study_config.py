@@ -108,3 +108,11 @@ def test_ewc_rows_and_teacher_sample_variants():
     "teacher_samples",
   )
   assert (acc.router_init, acc.router_rehearsal_weight) == ("copy_contrast", 1.0)
+  for name, offset, weight in (
+    ("lifelong_moe_contrast2_src_ts_rts3_acc", 2.0, 3.0),
+    ("lifelong_moe_contrast4_src_ts_rts1_acc", 4.0, 1.0),
+  ):
+    options = sweep[name]
+    assert (options.router_init, options.router_offset) == ("copy_contrast", offset), name
+    assert options.router_rehearsal_weight == weight, name
+    assert options.teacher_sample_pool == "accumulated", name
