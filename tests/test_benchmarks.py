@@ -367,3 +367,63 @@ def test_distill_step_prints_the_ratio_and_a_live_kl(prepared_data_dir):
   assert re.search(r"\(teacher_capacity='train'\): x[0-9.]+", out), out
   kl = re.search(r"lifelong_moe \(teacher einsum\) .* last KL ([0-9.]+)\)", out)
   assert kl and float(kl.group(1)) > 0, out  # teacher (random init) and student differ
+
+
+def test_sample_languages_counts_the_characters_of_each_phases_rows(prepared_data_dir, tmp_path):
+  """Rows of hand-written English and German (ASCII stop words) sequences, saved as two phases'
+  teacher samples: the printed and JSON shares equal the decoded characters counted by hand."""
+  import json  # pylint: disable=import-outside-toplevel
+
+  import numpy as np  # pylint: disable=import-outside-toplevel
+
+  from lifelong_moe_jax.data import vocab as vocab_lib  # pylint: disable=import-outside-toplevel
+  from lifelong_moe_jax.lifelong import pseudo_rehearsal  # pylint: disable=import-outside-toplevel
+
+  vocab = vocab_lib.get_vocabulary(data_dir=prepared_data_dir)
+  english = "the cat is on the mat and it was there for a while"
+  german = "und der hund ist nicht mit dem ich auf die wir es sie"
+  length = 64
+
+  def rows(sequences):  # one row per list of sequences, packed back to back
+    feats = {k: np.zeros((len(sequences), length), np.int32) for k in pseudo_rehearsal.FEATURES}
+    for r, texts in enumerate(sequences):
+      pos = 0
+      for seg, text in enumerate(texts, start=1):
+        ids = list(vocab.encode(text)) + [1]
+        feats["decoder_target_tokens"][r, pos : pos + len(ids)] = ids
+        feats["decoder_segment_ids"][r, pos : pos + len(ids)] = seg
+        feats["decoder_loss_weights"][r, pos : pos + len(ids)] = 1
+        pos += len(ids)
+    return feats
+
+  run = tmp_path / "run"
+  for phase, sequences in (
+    ("phase_1_b", [[english], [english]]),
+    ("phase_2_c", [[english, german]]),
+  ):
+    os.makedirs(run / phase)
+    pseudo_rehearsal.save_samples(str(run / phase), rows(sequences))
+  out_json = str(tmp_path / "languages.json")
+  out = _run(
+    "sample_languages.py",
+    prepared_data_dir,
+    f"--run={run}",
+    f"--data_dir={prepared_data_dir}",
+    "--calibrate=wiki_en",
+    f"--json={out_json}",
+  )
+  en_chars, de_chars = (
+    len(vocab.decode(vocab.encode(english))),
+    len(vocab.decode(vocab.encode(german))),
+  )
+  expected_en = en_chars / (en_chars + de_chars)
+  assert "| phase_1_b (2 rows) | 2 | 100.0% | 0.0% |" in out, out
+  assert (
+    f"| phase_2_c (1 rows) | 2 | {100 * expected_en:.1f}% | {100 * (1 - expected_en):.1f}% |" in out
+  )
+  with open(out_json) as f:
+    report = json.load(f)
+  assert [p["phase"] for p in report["phases"]] == ["phase_1_b", "phase_2_c"]
+  assert abs(report["phases"][1]["shares"]["en"] - expected_en) < 1e-9
+  assert abs(sum(report["phases"][1]["shares"].values()) - 1.0) < 1e-9
+  assert report["calibration"][0]["shares"]["en"] > 0.95  # English encyclopedia text

@@ -476,6 +476,14 @@ REGISTRY: dict[str, Run | Elsewhere | Excluded] = {
       ('"router_separability.py"', "--checkpoint=", "--data_dir=", "--tasks="),
     )
   ),
+  "python benchmarks/sample_languages.py --run runs/study/lifelong_moe_contrast2_src_ts_rts1 "
+  "--data_dir ./data_study --calibrate wiki_en,fortunes_intl,dialog_en": (
+    Elsewhere(
+      # on hand-made rows: the study's run dir and data_study come from the study
+      "tests/test_benchmarks.py::test_sample_languages_counts_the_characters_of_each_phases_rows",
+      ('"sample_languages.py"', "--run=", "--data_dir=", "--calibrate="),
+    )
+  ),
   "python benchmarks/forgetting_attribution.py --checkpoint "
   "runs/study/lifelong_moe_offset2_src/phase_1_fortunes_intl --reference "
   "runs/study/shared/phase_0_wiki_en --data_dir ./data_study --tasks "

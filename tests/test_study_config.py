@@ -116,3 +116,12 @@ def test_ewc_rows_and_teacher_sample_variants():
     assert (options.router_init, options.router_offset) == ("copy_contrast", offset), name
     assert options.router_rehearsal_weight == weight, name
     assert options.teacher_sample_pool == "accumulated", name
+  balnew = sweep["lifelong_moe_contrast2_src_ts_rts1_acc_balnew"]
+  assert balnew.balance_new_experts_only is True and balnew.teacher_sample_pool == "accumulated"
+  assert balnew.router_rehearsal_inputs == "teacher_samples"
+  plain_acc = sweep["lifelong_moe_contrast2_src_ts_acc"]
+  assert (plain_acc.router_init, plain_acc.teacher_sample_pool) == ("copy_contrast", "accumulated")
+  assert plain_acc.router_rehearsal_weight == 0.0
+  lwf_acc = sweep["distill_only_ts_acc"]
+  assert (lwf_acc.distill_inputs, lwf_acc.teacher_sample_pool) == ("teacher_samples", "accumulated")
+  assert methods_lib.get_method("distill_only_ts_acc").expand is False
