@@ -1,7 +1,7 @@
 r"""Which languages do a run's teacher sample rows hold? (docs/study.md, pooled samples.)
 
   python benchmarks/sample_languages.py --run runs/study/lifelong_moe_contrast2_src_ts_rts1 \
-      --data_dir ./data_study [--calibrate lifelong_wiki_en,fortunes_intl] [--json out.json]
+      --data_dir ./data_study [--calibrate wiki_en,fortunes_intl] [--json out.json]
 
 Reads every phase's ``teacher_samples.npz`` under ``--run`` (a method's run dir; one row per
 phase folder), decodes each packed sequence (one segment of a row) with the data dir's vocabulary
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import glob
+import itertools
 import json
 import os
 import re
@@ -27,6 +28,7 @@ os.environ.setdefault("NO_GCE_CHECK", "true")
 import numpy as np  # pylint: disable=g-import-not-at-top
 
 from lifelong_moe_jax.data import data_dir as data_dir_lib
+from lifelong_moe_jax.data import shards
 from lifelong_moe_jax.data import vocab as vocab_lib
 from lifelong_moe_jax.lifelong import pseudo_rehearsal
 
@@ -86,22 +88,13 @@ def decode_rows(rows: dict[str, np.ndarray], vocab) -> list[str]:
 
 def validation_texts(name: str, data_dir: str, limit: int = CALIBRATION_TEXTS) -> list[str]:
   """The first ``limit`` validation documents of prepared distribution ``name``."""
-  paths = sorted(
-    glob.glob(os.path.join(data_dir_lib.distribution_dir(name, data_dir), "validation-*"))
-  )
-  if not paths:
+  try:
+    paths = shards.split_files(data_dir_lib.distribution_dir(name, data_dir), "validation")
+  except shards.IncompleteBuildError as e:
     raise SystemExit(
-      f"--calibrate: {name} has no validation shards under {data_dir}; name a prepared "
-      "distribution (a folder of --data_dir)."
-    )
-  texts = []
-  for path in paths:
-    with open(path, encoding="utf-8") as f:
-      for line in f:
-        texts.append(json.loads(line)["text"])
-        if len(texts) == limit:
-          return texts
-  return texts
+      f"--calibrate {name}: {e} Name a prepared distribution (a folder of --data_dir)."
+    ) from e
+  return [text for _, _, text in itertools.islice(shards.iter_documents(paths), limit)]
 
 
 def _row(label: str, count: str, shares: dict[str, float]) -> str:

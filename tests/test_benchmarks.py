@@ -374,8 +374,6 @@ def test_sample_languages_counts_the_characters_of_each_phases_rows(prepared_dat
   teacher samples: the printed and JSON shares equal the decoded characters counted by hand."""
   import json  # pylint: disable=import-outside-toplevel
 
-  import numpy as np  # pylint: disable=import-outside-toplevel
-
   from lifelong_moe_jax.data import vocab as vocab_lib  # pylint: disable=import-outside-toplevel
   from lifelong_moe_jax.lifelong import pseudo_rehearsal  # pylint: disable=import-outside-toplevel
 
@@ -384,25 +382,17 @@ def test_sample_languages_counts_the_characters_of_each_phases_rows(prepared_dat
   german = "und der hund ist nicht mit dem ich auf die wir es sie"
   length = 64
 
-  def rows(sequences):  # one row per list of sequences, packed back to back
-    feats = {k: np.zeros((len(sequences), length), np.int32) for k in pseudo_rehearsal.FEATURES}
-    for r, texts in enumerate(sequences):
-      pos = 0
-      for seg, text in enumerate(texts, start=1):
-        ids = list(vocab.encode(text)) + [1]
-        feats["decoder_target_tokens"][r, pos : pos + len(ids)] = ids
-        feats["decoder_segment_ids"][r, pos : pos + len(ids)] = seg
-        feats["decoder_loss_weights"][r, pos : pos + len(ids)] = 1
-        pos += len(ids)
-    return feats
+  def rows(texts, num_rows):  # the texts' sequences (EOS included) packed in order
+    sequences = [list(vocab.encode(text)) + [1] for text in texts]
+    return pseudo_rehearsal.pack_sequences(sequences, num_rows, length)[0]
 
   run = tmp_path / "run"
-  for phase, sequences in (
-    ("phase_1_b", [[english], [english]]),
-    ("phase_2_c", [[english, german]]),
+  for phase, texts, num_rows in (
+    ("phase_1_b", [english, english], 2),
+    ("phase_2_c", [english, german], 1),
   ):
     os.makedirs(run / phase)
-    pseudo_rehearsal.save_samples(str(run / phase), rows(sequences))
+    pseudo_rehearsal.save_samples(str(run / phase), rows(texts, num_rows))
   out_json = str(tmp_path / "languages.json")
   out = _run(
     "sample_languages.py",
