@@ -476,6 +476,12 @@ REGISTRY: dict[str, Run | Elsewhere | Excluded] = {
       ('"router_separability.py"', "--checkpoint=", "--data_dir=", "--tasks="),
     )
   ),
+  "python benchmarks/seed_spread.py --runs runs/seed0,runs/seed1,runs/seed2,runs/seed3,runs/seed4 "
+  "--reference lifelong_moe_offset2_src --out runs/seed_spread": Elsewhere(
+    # on two tiny lifelong runs (seeds 0 and 1) of its own: the study's replicates take an hour
+    "tests/test_seed_replicates.py::test_seed_spread_cli_on_two_tiny_runs",
+    ('"seed_spread.py"', "--runs=", "--reference=", "--out="),
+  ),
   "python benchmarks/sample_languages.py --run runs/study/lifelong_moe_contrast2_src_ts_rts1 "
   "--data_dir ./data_study --calibrate wiki_en,fortunes_intl,dialog_en": (
     Elsewhere(
@@ -517,6 +523,17 @@ REGISTRY: dict[str, Run | Elsewhere | Excluded] = {
   ): Excluded(
     "the study's option sweep: about 35 min after `make study` (same CLI, same reason); its gin "
     "files parse and resolve in tests/test_study_config.py"
+  ),
+  (
+    "python -m lifelong_moe_jax.study --data_dir ./data_study --model_dir ./runs/seed1 "
+    '--gin_file=lifelong/study_sweep.gin --gin_bindings="LifelongSchedule.seed = 1" '
+    "--methods=finetune,lifelong_moe_offset2_src,distill_only_ts_acc,"
+    "lifelong_moe_contrast2_src_ts_acc,distill_only,lifelong_moe_offset2_src_ts_acc "
+    "--claims_method=lifelong_moe_offset2_src"
+  ): Excluded(
+    "one replicate of the study's key methods: about 35 min on 2 quiet cores (same CLI as "
+    "`make study`, same reason); the seed binding's effect on a run is tested on tiny runs in "
+    "tests/test_seed_replicates.py"
   ),
   'pip install -e ".[corpora]"': Excluded(
     "package installation (network); `make setup` does it before the tests run"
