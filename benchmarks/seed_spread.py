@@ -24,6 +24,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("NO_GCE_CHECK", "true")
 
 from lifelong_moe_jax.lifelong import phase_results  # pylint: disable=g-import-not-at-top
+from lifelong_moe_jax.lifelong import report as report_lib
 from lifelong_moe_jax.lifelong import report_plots
 from lifelong_moe_jax.lifelong import seed_replicates
 
@@ -38,18 +39,16 @@ def parse_args() -> argparse.Namespace:
 
 
 def load_reports(run_dirs: list[str]) -> list[dict]:
-  """The ``report.json`` of each run dir; SystemExit naming a dir without one."""
-  reports = []
+  """The ``report.json`` of each run dir; SystemExit naming a dir without one, before reading any."""
   for run in run_dirs:
-    path = os.path.join(run, "report.json")
+    path = os.path.join(run, report_lib.REPORT_JSON)
     if not os.path.isfile(path):
       raise SystemExit(
         f"{path} does not exist: give model dirs of finished study runs (python -m "
         "lifelong_moe_jax.study ... writes report.json), or rebuild it with run_lifelong "
         "--report_only."
       )
-    reports.append(phase_results.read_json(path))
-  return reports
+  return [report_lib.load_report(run) for run in run_dirs]
 
 
 def plot(spreads: dict, run_seeds: list[int], path: str) -> None:
@@ -91,31 +90,15 @@ def main() -> None:
   methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None
   reports = load_reports(runs)
   try:
-    spreads = seed_replicates.method_spreads(reports, methods)
-    lines = seed_replicates.spread_tables(reports, args.reference, methods)
+    summary = seed_replicates.summarize(reports, args.reference, methods)
   except seed_replicates.ReplicateError as e:
     raise SystemExit(str(e)) from None
+  lines = seed_replicates.spread_tables(summary)
   print("\n".join(lines))
   if args.out:
-    payload = {
-      "runs": runs,
-      "seeds": seed_replicates.seeds(reports),
-      "spreads": {n: {q: s.to_dict() for q, s in by_q.items()} for n, by_q in spreads.items()},
-      "ranks": seed_replicates.nll_ranks(reports, methods),
-    }
-    if args.reference:
-      payload["paired"] = {
-        q: {
-          n: {"difference": d["difference"].to_dict(), "lower_in": d["lower_in"]}
-          for n, d in seed_replicates.paired_differences(
-            reports, args.reference, q, methods
-          ).items()
-        }
-        for q in ("final_nll", "retention")
-      }
-    phase_results.write_json_atomic(args.out + ".json", payload)
+    phase_results.write_json_atomic(args.out + ".json", {"runs": runs, **summary.to_dict()})
     report_plots.write_atomic(args.out + ".md", lambda f: f.write("\n".join(lines) + "\n"))
-    plot(spreads, seed_replicates.seeds(reports), args.out + ".png")
+    plot(summary.spreads, summary.seeds, args.out + ".png")
     print(f"wrote {args.out}.json, {args.out}.md, {args.out}.png")
 
 

@@ -99,7 +99,7 @@ def test_spreads_and_paired_differences_match_a_hand_count():
     gap = [v[name][2] / v["finetune"][2] - 1 for v in RUNS]
     assert spreads[name]["adaptation_gap"].values == pytest.approx(gap)
     assert "new_share" not in spreads[name]  # no expansion, no routing quantities
-  paired = seed_replicates.paired_differences(reports, "distill_only")
+  paired = seed_replicates.paired_differences(spreads, "distill_only")
   assert set(paired) == {"finetune", "lwf2"}
   diffs = [
     _nll(v["lwf2"][1], v["lwf2"][2]) - _nll(v["distill_only"][1], v["distill_only"][2])
@@ -108,10 +108,12 @@ def test_spreads_and_paired_differences_match_a_hand_count():
   assert paired["lwf2"]["difference"].values == pytest.approx(diffs)
   assert paired["lwf2"]["difference"].std == pytest.approx(statistics.stdev(diffs))
   assert paired["lwf2"]["lower_in"] == sum(d < 0 for d in diffs) == 2
-  ranks = seed_replicates.nll_ranks(reports)
+  ranks = seed_replicates.nll_ranks(spreads)
   for order, v in zip(ranks, RUNS):
     assert order == sorted(v, key=lambda n: _nll(v[n][1], v[n][2]))
-  table = "\n".join(seed_replicates.spread_tables(reports, "distill_only"))
+  table = "\n".join(
+    seed_replicates.spread_tables(seed_replicates.summarize(reports, "distill_only"))
+  )
   assert "Runs: 3 (seeds 0, 1, 2)" in table
   r = [v["lwf2"][1] / v["lwf2"][0] - 1 for v in RUNS]
   assert f"| lwf2 | {100 * statistics.mean(r):+.1f}% ± {100 * statistics.stdev(r):.1f} (" in table
@@ -131,7 +133,7 @@ def test_bad_replicates_are_named():
     seed_replicates.method_spreads([one, partial], ["finetune", "lwf2"])
   assert list(seed_replicates.method_spreads([one, partial])) == ["finetune", "distill_only"]
   with pytest.raises(seed_replicates.ReplicateError, match="reference method 'nope'"):
-    seed_replicates.paired_differences([one, _report(1, RUNS[1])], "nope")
+    seed_replicates.summarize([one, _report(1, RUNS[1])], "nope")
 
 
 def test_seed_spread_cli_on_two_tiny_runs(tmp_path, prepared_data_dir):

@@ -10,7 +10,7 @@ Given the ``report.json`` dicts of replicate runs (same phases and methods, diff
   method *of the same run* (the same phase-A checkpoint, so the phase-A seed cancels), with its mean
   and spread and the number of runs in which the method is lower;
 - ``nll_ranks`` ranks the methods by final NLL in each run;
-- ``spread_tables`` renders all three as Markdown.
+- ``summarize`` computes all of them once, ``spread_tables`` renders that as Markdown.
 
 ``benchmarks/seed_spread.py`` is the command line (JSON, Markdown and a PNG).
 """
@@ -18,7 +18,7 @@ Given the ``report.json`` dicts of replicate runs (same phases and methods, diff
 from __future__ import annotations
 
 import dataclasses
-import math
+import statistics
 from typing import Any, Mapping, Sequence
 
 from lifelong_moe_jax.lifelong import claims
@@ -32,6 +32,7 @@ LABELS = {
   "max_drift": "drift to new (max)",
 }
 PERCENT = frozenset({"retention", "adaptation_gap", "new_share", "max_drift"})
+PAIRED_QUANTITIES = ("final_nll", "retention")
 
 
 class ReplicateError(ValueError):
@@ -53,9 +54,8 @@ class Spread:
     vals = tuple(float(v) for v in values)
     if not vals:
       raise ValueError("Spread.of needs at least one value.")
-    mean = sum(vals) / len(vals)
-    var = sum((v - mean) ** 2 for v in vals) / (len(vals) - 1) if len(vals) > 1 else 0.0
-    return cls(vals, mean, math.sqrt(var), min(vals), max(vals))
+    std = statistics.stdev(vals) if len(vals) > 1 else 0.0
+    return cls(vals, statistics.fmean(vals), std, min(vals), max(vals))
 
   def to_dict(self) -> dict[str, Any]:
     return dataclasses.asdict(self)
@@ -117,14 +117,11 @@ def method_spreads(
 
 
 def paired_differences(
-  reports: Sequence[Mapping[str, Any]],
-  reference: str,
-  quantity: str = "final_nll",
-  methods: Sequence[str] | None = None,
+  spreads: Mapping[str, Mapping[str, Spread]], reference: str, quantity: str = "final_nll"
 ) -> dict[str, dict[str, Any]]:
-  """Per method other than ``reference``: ``{"difference": Spread of (method - reference) per run,
-  "lower_in": runs where the method's value is lower}`` for ``quantity``."""
-  spreads = method_spreads(reports, methods)
+  """Per method of ``spreads`` (``method_spreads``) other than ``reference``: ``{"difference":
+  Spread of (method - reference) per run, "lower_in": runs where the method's value is lower}``
+  for ``quantity``."""
   if reference not in spreads or quantity not in spreads[reference]:
     raise ReplicateError(
       f"The reference method {reference!r} has no {quantity!r} in every run; pick one of "
@@ -140,17 +137,51 @@ def paired_differences(
   return out
 
 
-def nll_ranks(
-  reports: Sequence[Mapping[str, Any]], methods: Sequence[str] | None = None
-) -> list[list[str]]:
-  """Per run, the methods complete in every run ordered by final NLL (best first)."""
-  check_replicates(reports)
-  names = common_methods(reports, methods)
-  ranks = []
-  for r in reports:
-    nll = claims.final_nll_by_method(r)
-    ranks.append(sorted((n for n in names if n in nll), key=lambda n: nll[n]))
-  return ranks
+def nll_ranks(spreads: Mapping[str, Mapping[str, Spread]]) -> list[list[str]]:
+  """Per run, the methods of ``spreads`` (``method_spreads``) ordered by final NLL (best first)."""
+  names = [n for n, by_q in spreads.items() if "final_nll" in by_q]
+  runs = len(spreads[names[0]]["final_nll"].values) if names else 0
+  return [sorted(names, key=lambda n: spreads[n]["final_nll"].values[i]) for i in range(runs)]
+
+
+@dataclasses.dataclass(frozen=True)
+class ReplicateSummary:
+  """Everything ``spread_tables`` shows, computed once (``summarize``)."""
+
+  seeds: list[int]
+  spreads: dict[str, dict[str, Spread]]
+  reference: str | None
+  paired: dict[str, dict[str, dict[str, Any]]]  # {quantity: paired_differences(...)}
+  ranks: list[list[str]]
+
+  def to_dict(self) -> dict[str, Any]:
+    return {
+      "seeds": self.seeds,
+      "spreads": {n: {q: s.to_dict() for q, s in by_q.items()} for n, by_q in self.spreads.items()},
+      "reference": self.reference,
+      "paired": {
+        q: {
+          n: {"difference": d["difference"].to_dict(), "lower_in": d["lower_in"]}
+          for n, d in by_method.items()
+        }
+        for q, by_method in self.paired.items()
+      },
+      "ranks": self.ranks,
+    }
+
+
+def summarize(
+  reports: Sequence[Mapping[str, Any]],
+  reference: str | None = None,
+  methods: Sequence[str] | None = None,
+) -> ReplicateSummary:
+  """Spreads, the paired ``PAIRED_QUANTITIES`` differences to ``reference`` (when given) and the
+  per-run NLL ranking of replicate ``reports``."""
+  spreads = method_spreads(reports, methods)
+  paired = (
+    {q: paired_differences(spreads, reference, q) for q in PAIRED_QUANTITIES} if reference else {}
+  )
+  return ReplicateSummary(seeds(reports), spreads, reference, paired, nll_ranks(spreads))
 
 
 def _fmt(quantity: str, value: float, signed: bool = True) -> str:
@@ -165,23 +196,18 @@ def _cell(quantity: str, s: Spread, signed: bool) -> str:
   return f"{_fmt(quantity, s.mean, signed)} ± {sd} ({values})"
 
 
-def spread_tables(
-  reports: Sequence[Mapping[str, Any]],
-  reference: str | None = None,
-  methods: Sequence[str] | None = None,
-) -> list[str]:
-  """Markdown: the spread of every quantity per method ("mean ± sd (run values)"), the paired
-  final-NLL and retention differences to ``reference`` (when given) and the per-run NLL ranking."""
-  spreads = method_spreads(reports, methods)
-  run_seeds = seeds(reports)
+def spread_tables(summary: ReplicateSummary) -> list[str]:
+  """Markdown of a ``summarize`` result: the spread of every quantity per method ("mean ± sd (run
+  values)"), the paired differences to the reference (when given) and the per-run NLL ranking."""
+  runs = len(summary.seeds)
   lines = [
-    f"Runs: {len(reports)} (seeds {', '.join(map(str, run_seeds))}); mean ± sample sd "
+    f"Runs: {runs} (seeds {', '.join(map(str, summary.seeds))}); mean ± sample sd "
     "(per-run values in run order).",
     "",
     "| method | " + " | ".join(LABELS[q] for q in QUANTITIES) + " |",
     "|---|" + "---|" * len(QUANTITIES),
   ]
-  for name, by_q in spreads.items():
+  for name, by_q in summary.spreads.items():
     cells = [
       _cell(q, by_q[q], signed=q not in ("final_nll", "new_share", "max_drift"))
       if q in by_q
@@ -189,22 +215,20 @@ def spread_tables(
       for q in QUANTITIES
     ]
     lines.append(f"| {name} | " + " | ".join(cells) + " |")
-  if reference:
-    for quantity in ("final_nll", "retention"):
-      diffs = paired_differences(reports, reference, quantity, methods)
-      lines += [
-        "",
-        f"Paired {LABELS[quantity]} difference to {reference} (same run, method minus reference):",
-        "",
-        "| method | difference | lower in |",
-        "|---|---|---|",
-      ]
-      for name, d in diffs.items():
-        lines.append(
-          f"| {name} | {_cell(quantity, d['difference'], True)} | "
-          f"{d['lower_in']} of {len(reports)} runs |"
-        )
+  for quantity, diffs in summary.paired.items():
+    lines += [
+      "",
+      f"Paired {LABELS[quantity]} difference to {summary.reference} (same run, method minus "
+      "reference):",
+      "",
+      "| method | difference | lower in |",
+      "|---|---|---|",
+    ]
+    for name, d in diffs.items():
+      lines.append(
+        f"| {name} | {_cell(quantity, d['difference'], True)} | {d['lower_in']} of {runs} runs |"
+      )
   lines += ["", "Final-NLL ranking per run (best first):", ""]
-  for seed, order in zip(run_seeds, nll_ranks(reports, methods)):
+  for seed, order in zip(summary.seeds, summary.ranks):
     lines.append(f"- seed {seed}: " + " < ".join(order))
   return lines
